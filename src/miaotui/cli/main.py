@@ -1,0 +1,49 @@
+"""``miaotui <verb>``: one entry point; each verb module has ``add_args()`` and ``run()`` and imports
+its heavy dependencies only inside ``run()`` so ``--help`` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb → (module, one-line help)
+VERBS = {
+    "generate": ("miaotui.cli.generate", "generate text from a prompt (streams to stdout)"),
+    "chat": ("miaotui.cli.chat", "interactive chat with streaming answers"),
+    "inspect": ("miaotui.cli.inspect", "show a model's architecture, size, dtypes, context and tokenizer"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from miaotui import __version__
+
+    parser = argparse.ArgumentParser(prog="miaotui", description="miaotui (秒推): fast LLM inference on CPU.")
+    parser.add_argument("--version", action="version", version=f"miaotui {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, (module, help_text) in VERBS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(verb, help=help_text, description=(mod.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_args(p)
+        p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+        p.set_defaults(run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from miaotui.errors import MiaotuiError
+
+    try:
+        return args.run(args) or 0
+    except MiaotuiError as e:
+        if args.debug:
+            raise
+        print(f"miaotui {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `miaotui generate ... | head`
+        return 0

@@ -1,0 +1,177 @@
+"""Building blocks shared by the architectures: norms, rotary embeddings, the static KV cache, attention.
+
+Every projection in a model is a plain ``nn.Linear`` attribute, so compression and tensor parallel can swap
+it for a quantized / sparse / low-rank / sharded module without the model file knowing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miaotui.errors import ModelLoadError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 like the reference, scale in the input dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Normalise the two HF spellings (``rope_theta`` + ``rope_scaling`` or v5's ``rope_parameters``)."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or {}
+    params.update({k: v for k, v in scaling.items() if k not in params})
+    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or params.get("type") or "default"
+    params["rope_type"] = kind
+    return params
+
+
+def rope_inv_freq(head_dim: int, params: dict[str, Any], max_pos: int) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,) in fp64, with the scaling the config asks for."""
+    base = float(params["rope_theta"])
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    kind = params["rope_type"]
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / float(params["factor"])
+    if kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate between
+        factor = float(params["factor"])
+        low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+        old_ctx = float(params.get("original_max_position_embeddings", max_pos))
+        wavelen = 2 * math.pi / inv
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    raise ModelLoadError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def rope_tables(head_dim: int, params: dict[str, Any], max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_pos, head_dim) in fp32, laid out for rotate-half."""
+    inv = rope_inv_freq(head_dim, params, max_pos)
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static cache preallocated to ``max_seq_len``: decode writes in place, never reallocates."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, Hkv, T, D) at [start, start+T); return the valid prefix [0, start+T)."""
+        end = start + k.shape[2]
+        b = k.shape[0]
+        self.k[:b, :, start:end] = k
+        self.v[:b, :, start:end] = v
+        return self.k[:b, :, :end], self.v[:b, :, :end]
+
+
+def attention_mask(t: int, start: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean (T, start+T) mask (True = attend) or None when plain causal suffices."""
+    if window is None and (t == 1 or start == 0):
+        return None  # decode attends to everything; a fresh prefill uses is_causal
+    q_pos = torch.arange(start, start + t, device=device)[:, None]
+    k_pos = torch.arange(start + t, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int | None = None,
+           scale: float | None = None) -> torch.Tensor:
+    """Causal attention. q: (B, H, T, D); k, v: (B, Hkv, S, D) with S = start + T → (B, H, T, D)."""
+    t = q.shape[2]
+    mask = attention_mask(t, start, window, q.device)
+    causal = mask is None and t > 1
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+class CausalLM(nn.Module):
+    """What every decoder offers the engine.
+
+    ``forward(input_ids (B, T), start_pos) → logits (B, T, V)`` (only the last position when
+    ``last_only``). With a cache set up, K/V of positions [start_pos, start_pos+T) are written to it;
+    without one, ``start_pos`` must be 0 and attention is over the input alone.
+    """
+
+    # subclasses fill these in
+    model_type: str = ""
+    max_seq_len: int = 0  # the model's context length
+    #: tensor-parallel plan: module-name suffix → "colwise" | "rowwise" | "vocab"
+    tp_plan: dict[str, str] = {}
+
+    def attention_layers(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def kv_shape(self) -> tuple[int, int]:
+        """(n_kv_heads, head_dim) per layer, for cache allocation."""
+        raise NotImplementedError
+
+    def setup_cache(self, batch: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        max_seq_len = min(max_seq_len or self.max_seq_len, self.max_seq_len)
+        dtype = dtype or next(self.parameters()).dtype
+        device = next(self.parameters()).device
+        n_kv, head_dim = self.kv_shape()
+        for layer in self.attention_layers():
+            layer.kv_cache = KVCache(batch, n_kv, max_seq_len, head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        for layer in self.attention_layers():
+            layer.kv_cache = None
+
+    @property
+    def cache_len(self) -> int:
+        """Positions the allocated cache can hold (0 when none is set up)."""
+        cache = self.attention_layers()[0].kv_cache
+        return cache.max_seq_len if cache is not None else 0
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "CausalLM":
+        raise NotImplementedError
+
+    @classmethod
+    def convert_hf_state_dict(cls, sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Map a Hugging Face state dict onto this module's names and layouts (identity by default)."""
+        return sd
+
+    def init_buffers(self) -> None:
+        """(Re)compute non-persistent buffers after the weights were assigned from the meta device."""
+
+    def tie_weights(self) -> None:
+        """Share the output projection with the input embedding when the config ties them."""
