@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	# torch first, pinned, so no other package can pull a CUDA build
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
