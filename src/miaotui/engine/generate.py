@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from miaotui.config import GenerationStats, SamplingParams
+from miaotui.engine.runner import Runner
 from miaotui.engine.sampler import make_generator, sample
 from miaotui.errors import MiaotuiError, PromptTooLongError
 from miaotui.models import CausalLM
@@ -37,7 +38,7 @@ def ensure_cache(model: CausalLM, length: int) -> None:
 
 @torch.inference_mode()
 def generate_tokens(
-    model: CausalLM,
+    model: CausalLM | Runner,
     prompt_ids: list[int],
     params: SamplingParams,
     eos_ids: Iterable[int] = (),
@@ -50,6 +51,8 @@ def generate_tokens(
     ``"stop"`` for EOS and ``"length"`` otherwise (a caller that stops early, e.g. on a stop string,
     sets its own reason).
     """
+    runner = model if isinstance(model, Runner) else Runner(model)
+    model = runner.model
     stats = stats if stats is not None else GenerationStats()
     n = len(prompt_ids)
     check_prompt(n, model.max_seq_len)
@@ -65,7 +68,7 @@ def generate_tokens(
 
     stats.prompt_tokens, stats.completion_tokens, stats.finish_reason = n, 0, "length"
     t0 = time.perf_counter()
-    logits = model(history[:n].unsqueeze(0), 0, last_only=True)[0, -1]
+    logits = runner.prefill(history[:n].unsqueeze(0))[0]
     pos = n
     for i in range(max_new):
         token = int(sample(logits, params, generator, history[:pos] if use_history else None))
@@ -81,5 +84,5 @@ def generate_tokens(
         if i + 1 == max_new:
             return
         history[pos] = token
-        logits = model(history[pos:pos + 1].unsqueeze(0), pos, last_only=True)[0, -1]
+        logits = runner.decode(history[pos:pos + 1].unsqueeze(0), pos)[0]
         pos += 1

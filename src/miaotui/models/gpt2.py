@@ -73,7 +73,7 @@ class Attention(nn.Module):
         q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)
-        elif start != 0:
+        elif isinstance(start, torch.Tensor) or start != 0:
             raise ValueError("start_pos > 0 needs a KV cache (call setup_cache first)")
         y = attend(q, k, v, start, scale=self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(b, t, -1))
@@ -154,7 +154,8 @@ class GPT2LMHeadModel(CausalLM):
         attn = self.transformer.h[0].attn
         return attn.c_proj.in_features // attn.head_dim, attn.head_dim
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0,
+                last_only: bool = False) -> torch.Tensor:
         t = input_ids.shape[1]
         pos = torch.arange(start_pos, start_pos + t, device=input_ids.device)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miaotui.models.base import CausalLM, KVCache, RMSNorm, apply_rope, attend, rope_parameters, rope_tables
+from miaotui.models.base import (
+    CausalLM, KVCache, RMSNorm, apply_rope, attend, fuse_linears, rope_parameters, rope_tables,
+)
 from miaotui.models.registry import register
 
 
@@ -74,17 +76,29 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(a.hidden_size, self.n_kv * self.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, a.hidden_size, bias=a.o_bias)
         self.kv_cache: KVCache | None = None
+        self.qkv_proj: nn.Linear | None = None  # set by fuse(): one matmul instead of three
+        self.qkv_split: list[int] = []
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+    def fuse(self) -> None:
+        """Concatenate q/k/v into one projection (same math, fewer and larger matmuls)."""
+        self.qkv_proj, self.qkv_split = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                start: int | torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # (B, T, H*D) → (B, H, T, D); head counts come from the weights so a TP shard works unchanged
-        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)
-        elif start != 0:
+        elif isinstance(start, torch.Tensor) or start != 0:
             raise ValueError("start_pos > 0 needs a KV cache (call setup_cache first)")
         y = attend(q, k, v, start, self.window)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
@@ -96,9 +110,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        self.gate_up_proj, _ = fuse_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -153,16 +176,29 @@ class LlamaForCausalLM(CausalLM):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def fuse(self) -> None:
+        for blk in self.model.layers:
+            if all(type(m) is nn.Linear for m in (blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj)):
+                blk.self_attn.fuse()
+            if type(blk.mlp.gate_proj) is nn.Linear and type(blk.mlp.up_proj) is nn.Linear:
+                blk.mlp.fuse()
+
     def attention_layers(self) -> list[Attention]:
         return [blk.self_attn for blk in self.model.layers]
 
     def kv_shape(self) -> tuple[int, int]:
         attn = self.model.layers[0].self_attn
-        return attn.k_proj.out_features // attn.head_dim, attn.head_dim
+        kv_width = attn.qkv_split[1] if attn.qkv_proj is not None else attn.k_proj.out_features
+        return kv_width // attn.head_dim, attn.head_dim
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0,
+                last_only: bool = False) -> torch.Tensor:
         t = input_ids.shape[1]
-        cos, sin = self.rope_cos[start_pos:start_pos + t], self.rope_sin[start_pos:start_pos + t]
+        if isinstance(start_pos, torch.Tensor):  # compiled decode: positions are data
+            pos = start_pos + torch.arange(t, device=input_ids.device)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        else:
+            cos, sin = self.rope_cos[start_pos:start_pos + t], self.rope_sin[start_pos:start_pos + t]
         x = self.model.embed_tokens(input_ids)
         for blk in self.model.layers:
             x = blk(x, cos, sin, start_pos)
