@@ -81,6 +81,38 @@ def min_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
+def _penalised(logits: torch.Tensor, params: SamplingParams, history) -> torch.Tensor:
+    x = logits.float()
+    if history is not None and params.repetition_penalty != 1.0:
+        x = apply_repetition_penalty(x, history, params.repetition_penalty)
+    return x
+
+
+def _filtered_softmax(x: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    x = x / params.temperature
+    x = top_k_filter(x, params.top_k)
+    x = top_p_filter(x, params.top_p)
+    x = min_p_filter(x, params.min_p)
+    return torch.softmax(x, dim=-1)
+
+
+def filtered_probs(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    history: torch.Tensor | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """The exact distribution ``sample`` draws from, (V,) → (V,) or (B, V) → (B, V), float32.
+
+    Same pipeline as ``sample`` (repetition penalty on ``history`` → temperature → top-k → top-p →
+    min-p); temperature 0 gives a one-hot at the argmax. Speculative decoding needs the
+    distribution itself, not a draw, to accept or reject a proposed token.
+    """
+    x = _penalised(logits, params, history)
+    if params.temperature == 0:
+        return torch.zeros_like(x).scatter_(-1, x.argmax(dim=-1, keepdim=True), 1.0)
+    return _filtered_softmax(x, params)
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -91,20 +123,15 @@ def sample(
 
     Order: repetition penalty on ``history`` → argmax if temperature is 0 → temperature →
     top-k → top-p → min-p → one draw per row with ``generator``. Works in float32.
+    The distribution drawn from is ``filtered_probs(logits, params, history)``.
     """
-    x = logits.float()
-    if history is not None and params.repetition_penalty != 1.0:
-        x = apply_repetition_penalty(x, history, params.repetition_penalty)
+    x = _penalised(logits, params, history)
     if params.temperature == 0:
         return x.argmax(dim=-1)
-    x = x / params.temperature
-    x = top_k_filter(x, params.top_k)
-    x = top_p_filter(x, params.top_p)
-    x = min_p_filter(x, params.min_p)
     # inverse CDF, one uniform per row: same law as torch.multinomial, which draws one random
     # number per vocabulary entry (~4 ms for 150k on CPU); normalising makes the last entry
     # exactly 1.0 > u, and zero-probability tokens (equal CDF steps) can never be picked
-    cdf = torch.cumsum(torch.softmax(x, dim=-1), dim=-1, dtype=torch.float64)
+    cdf = torch.cumsum(_filtered_softmax(x, params), dim=-1, dtype=torch.float64)
     cdf = cdf / cdf[..., -1:]
     u = torch.rand((*cdf.shape[:-1], 1), dtype=torch.float64, generator=generator, device=cdf.device)
     return torch.searchsorted(cdf, u, right=True).reshape(logits.shape[:-1])
