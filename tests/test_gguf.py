@@ -20,7 +20,8 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from miaotui.errors import ModelLoadError
-from miaotui.loading.gguf import gguf_tensor_types, load_gguf, load_gguf_tokenizer, read_gguf_config
+from miaotui.loading.gguf import gguf_tensor_types, load_gguf, read_gguf_config
+from miaotui.loading.gguf_tokenizer import load_gguf_tokenizer
 
 T = gguf.GGMLQuantizationType
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, CTX = 272, 64, 2, 4, 2, 256, 128
@@ -663,7 +664,8 @@ def _gemma_k_quants() -> Path:
 @pytest.mark.slow
 def test_k_quants_on_a_real_file():
     """Gemma 3 270M Q4_K_M: its K-quant tensors, dequantized, against gguf and transformers' torch code."""
-    from miaotui.loading.gguf import _dequantize, _read_header
+    from miaotui.loading.gguf_file import dequantize as _dequantize
+    from miaotui.loading.gguf_file import read_header as _read_header
 
     path = _gemma_k_quants()
     types = gguf_tensor_types(path)

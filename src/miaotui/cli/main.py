@@ -12,6 +12,7 @@ VERBS = {
     "generate": ("miaotui.cli.generate", "generate text from a prompt (streams to stdout)"),
     "chat": ("miaotui.cli.chat", "interactive chat with streaming answers"),
     "inspect": ("miaotui.cli.inspect", "show a model's architecture, size, dtypes, context and tokenizer"),
+    "bench": ("miaotui.cli.bench", "benchmark prefill/TTFT/decode against transformers and llama.cpp"),
 }
 
 

@@ -109,7 +109,8 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", prog
             extra = _as_list(json.loads(gen_cfg.read_text()).get("eos_token_id"))
             cfg = {**cfg, "eos_token_id": sorted(set(_as_list(cfg.get("eos_token_id"))) | set(extra))}
     else:
-        from miaotui.loading.gguf import gguf_tensor_types, load_gguf, load_gguf_tokenizer, read_gguf_config
+        from miaotui.loading.gguf import gguf_tensor_types, load_gguf, read_gguf_config
+        from miaotui.loading.gguf_tokenizer import load_gguf_tokenizer
 
         model_class(read_gguf_config(path).get("model_type"))
         cfg, sd = load_gguf(path, dtype, progress)

@@ -1,0 +1,130 @@
+"""The engines a benchmark compares, behind one small interface so every one is timed the same way.
+
+Each engine runs greedy, EOS ignored, with the prompt cache emptied before every call (no prefix reuse).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class Engine:
+    name = ""
+    weight_bytes = 0  # bytes read per decoded token (the roofline's denominator)
+    compile_s = 0.0
+
+    def prefill(self, ids: list[int]) -> None:
+        """Empty cache → logits of the last prompt position → one sampled token."""
+        raise NotImplementedError
+
+    def generate(self, ids: list[int], n: int) -> None:
+        """Prompt + exactly ``n`` new tokens."""
+        raise NotImplementedError
+
+
+def decode_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step reads: every parameter once, but of an untied input embedding
+    only the one row it looks up (a tied one is read whole as the output projection)."""
+    params = {id(p): p for p in model.parameters()}.values()
+    total = sum(p.numel() * p.element_size() for p in params)
+    embed = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding)).weight
+    if embed is not model.lm_head.weight:
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+class MiaotuiEngine(Engine):
+    def __init__(self, model: str | None, dtype: str, compile: bool, fuse: bool = True):
+        from miaotui.engine.runner import Runner
+        from miaotui.loading import load
+
+        self.loaded = load(model, dtype)
+        if fuse:
+            self.loaded.model.fuse()
+        self.runner = Runner(self.loaded.model, compile=compile)
+        self.name = f"miaotui {dtype}{' compiled' if compile else ''}"
+        self.weight_bytes = decode_bytes(self.loaded.model)
+
+    @property
+    def compile_s(self) -> float:
+        return self.runner.compile_s
+
+    def prefill(self, ids):
+        from miaotui.engine.generate import ensure_cache
+
+        ensure_cache(self.loaded.model, len(ids) + 1)
+        with torch.inference_mode():
+            self.runner.prefill(torch.tensor([ids])).argmax(-1).item()
+
+    def generate(self, ids, n):
+        from miaotui.config import SamplingParams
+        from miaotui.engine.generate import generate_tokens
+
+        for _ in generate_tokens(self.runner, ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)):
+            pass
+
+
+class HFEngine(Engine):
+    """transformers' own model class and ``generate`` on the same weights miaotui loads."""
+
+    def __init__(self, model: str | None, dtype: str):
+        import transformers
+
+        from miaotui.loading import default_model_path, resolve_dtype
+
+        path = Path(model) if model else default_model_path()
+        torch_dtype = resolve_dtype(dtype)
+        if path.is_dir():
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+        else:
+            from miaotui.loading.gguf import load_gguf
+
+            cfg, sd = load_gguf(path, torch_dtype)
+            config = transformers.AutoConfig.for_model(**cfg)
+            with torch.device("meta"):
+                self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+            self.model.load_state_dict(sd, strict=False, assign=True)
+            self.model.tie_weights()
+        self.model.eval()
+        self.model.generation_config.pad_token_id = 0
+        self.name = f"transformers {dtype}"
+        self.weight_bytes = decode_bytes(self.model)
+
+    def _run(self, ids, n):
+        with torch.inference_mode():
+            self.model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    def prefill(self, ids):
+        self._run(ids, 1)
+
+    def generate(self, ids, n):
+        self._run(ids, n)
+
+
+class LlamaCppEngine(Engine):
+    """llama.cpp through llama-cpp-python, on the GGUF file itself (its own quantized kernels)."""
+
+    def __init__(self, model: str | None, threads: int):
+        from llama_cpp import Llama
+
+        from miaotui.loading import default_model_path
+
+        path = Path(model) if model else default_model_path()
+        if path.is_dir():
+            raise ValueError("llama.cpp needs a GGUF file")
+        self.llm = Llama(str(path), n_ctx=4096, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
+        self.name = f"llama.cpp {path.suffix[1:]} ({path.name.split('.')[-2]})"
+        self.weight_bytes = path.stat().st_size
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+
+    def generate(self, ids, n):
+        self.llm.reset()
+        for i, _ in enumerate(self.llm.generate(ids, top_k=1, reset=True)):
+            if i + 1 == n:
+                break

@@ -1,0 +1,94 @@
+"""Benchmark latency against the peers, on the same weights, prompts, threads and machine, in one run.
+
+Each engine runs in its own process (its own peak RSS, no shared thread pool or compile cache), warms up,
+then every figure is the median of --repeats runs: prefill tok/s per prompt length (empty cache, no
+prefix reuse), TTFT at 512 tokens, batch-1 decode tok/s ((N-1) / (t(N) - t(1)), EOS ignored). The roofline
+is measured read bandwidth / weight bytes per token. Ends with one JSON line.
+
+engines: miaotui:fp32, miaotui:bf16, hf:fp32, hf:bf16 (transformers `generate`), llama.cpp (the GGUF file
+through llama-cpp-python; install the `peers` extra, skipped with a note when absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+DEFAULT_ENGINES = "miaotui:fp32,miaotui:bf16,hf:fp32,hf:bf16,llama.cpp"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", metavar="PATH",
+                   help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--engines", default=DEFAULT_ENGINES,
+                   help=f"comma-separated engines to compare (default: {DEFAULT_ENGINES})")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), metavar="N",
+                   help="threads for every engine (default: all cores, %(default)s here)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile miaotui's decode step with torch.compile (default: on; the one-off compile "
+                        "time is reported apart)")
+    p.add_argument("--prefill", default="128,512,2048", metavar="N,N,...",
+                   help="prompt lengths for prefill (default: 128,512,2048)")
+    p.add_argument("--decode-tokens", type=int, default=128, metavar="N",
+                   help="new tokens for the decode measurement (default: 128)")
+    p.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per figure; the median is kept (default: 3)")
+    p.add_argument("--data", metavar="FILE", help="text to cut prompts from (default: the WikiText excerpt)")
+    p.add_argument("--plot", metavar="FILE.png", help="write a bar chart of decode and prefill speed")
+    p.add_argument("--json", action="store_true", help="print only the final JSON line on stdout")
+
+
+def _cannot_run(spec: str, model: str | None) -> str | None:
+    if spec == "llama.cpp":
+        if importlib.util.find_spec("llama_cpp") is None:
+            return "llama-cpp-python is not installed (pip install 'miaotui[peers]')"
+        if model and not model.endswith(".gguf"):
+            return "llama.cpp runs GGUF files only; this model is not one"
+    return None
+
+
+def _run_engine(spec: str, args: argparse.Namespace) -> dict | None:
+    cmd = [sys.executable, "-m", "miaotui.bench.worker", spec, "--threads", str(args.threads),
+           "--prefill", args.prefill, "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats)]
+    cmd += ["--model", args.model] if args.model else []
+    cmd += ["--data", args.data] if args.data else []
+    cmd += ["--compile"] if args.compile and spec.startswith("miaotui") else []
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
+    if proc.returncode != 0:
+        print(f"[bench] {spec} failed (exit {proc.returncode}); see its output above", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from miaotui.bench.report import plot, table
+    from miaotui.bench.roofline import measure_read_bandwidth
+
+    torch.set_num_threads(args.threads)
+    bandwidth = measure_read_bandwidth()
+    lengths = args.prefill.split(",")
+    results, skipped = [], []
+    for spec in [s.strip() for s in args.engines.split(",") if s.strip()]:
+        reason = _cannot_run(spec, args.model)
+        if reason:
+            skipped.append(f"{spec}: {reason}")
+            print(f"[bench] skipping {skipped[-1]}", file=sys.stderr)
+            continue
+        print(f"[bench] {spec} ...", file=sys.stderr, flush=True)
+        r = _run_engine(spec, args)
+        if r is not None:
+            results.append(r)
+    summary = {"bandwidth_gb_s": bandwidth / 1e9, "threads": args.threads, "torch": torch.__version__,
+               "results": results, "skipped": skipped}
+    if not args.json:
+        print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} threads, torch {torch.__version__}")
+        print(table(results, bandwidth, lengths))
+    if args.plot and results:
+        plot(results, args.plot, lengths)
+    print(json.dumps(summary))
+    return 0 if results else 1
