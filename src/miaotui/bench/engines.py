@@ -9,19 +9,7 @@ from pathlib import Path
 
 import torch
 
-
-class Engine:
-    name = ""
-    weight_bytes = 0  # bytes read per decoded token (the roofline's denominator)
-    compile_s = 0.0
-
-    def prefill(self, ids: list[int]) -> None:
-        """Empty cache → logits of the last prompt position → one sampled token."""
-        raise NotImplementedError
-
-    def generate(self, ids: list[int], n: int) -> None:
-        """Prompt + exactly ``n`` new tokens."""
-        raise NotImplementedError
+from miaotui.bench.engine_base import Engine
 
 
 def decode_bytes(model: torch.nn.Module) -> int:
@@ -101,30 +89,3 @@ class HFEngine(Engine):
 
     def generate(self, ids, n):
         self._run(ids, n)
-
-
-class LlamaCppEngine(Engine):
-    """llama.cpp through llama-cpp-python, on the GGUF file itself (its own quantized kernels)."""
-
-    def __init__(self, model: str | None, threads: int):
-        from llama_cpp import Llama
-
-        from miaotui.loading import default_model_path
-
-        path = Path(model) if model else default_model_path()
-        if path.is_dir():
-            raise ValueError("llama.cpp needs a GGUF file")
-        self.llm = Llama(str(path), n_ctx=4096, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                         verbose=False)
-        self.name = f"llama.cpp {path.suffix[1:]} ({path.name.split('.')[-2]})"
-        self.weight_bytes = path.stat().st_size
-
-    def prefill(self, ids):
-        self.llm.reset()
-        self.llm.eval(ids)
-
-    def generate(self, ids, n):
-        self.llm.reset()
-        for i, _ in enumerate(self.llm.generate(ids, top_k=1, reset=True)):
-            if i + 1 == n:
-                break

@@ -11,7 +11,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from miaotui.bench.engines import Engine
+from miaotui.bench.engine_base import Engine
 
 
 def timed(fn: Callable[[], None], repeats: int) -> float:

@@ -11,6 +11,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 
 def make_engine(spec: str, model: str | None, threads: int, compile: bool):
@@ -24,10 +25,22 @@ def make_engine(spec: str, model: str | None, threads: int, compile: bool):
 
         return HFEngine(model, dtype or "fp32")
     if kind == "llama.cpp":
-        from miaotui.bench.engines import LlamaCppEngine
+        from miaotui.bench.llamacpp import LlamaCppEngine
 
         return LlamaCppEngine(model, threads)
     raise ValueError(f"unknown engine {spec!r}")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. Linux keeps ``ru_maxrss`` across exec (it would report the parent's
+    peak); VmHWM belongs to the new address space, so it is the engine's own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # other OSes: no exec carry-over issue
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,36 +49,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model")
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--data")
-    p.add_argument("--prefill", default="128,512,2048")
+    p.add_argument("--prompts", required=True, help="JSON made by the orchestrator: token ids per length, prefill lengths, decode prompt length")
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
 
-    import torch
+    if not args.spec.startswith("llama.cpp"):  # keep torch out of a peer's process (and its RSS)
+        import torch
 
-    torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
     from miaotui.bench.latency import measure_latency
-    from miaotui.bench.prompts import prompt_ids
-    from miaotui.loading import default_model_path
-    from miaotui.loading.gguf_tokenizer import load_gguf_tokenizer
-    from miaotui.loading.tokenizer import load_hf_tokenizer
 
+    spec = json.loads(Path(args.prompts).read_text())
+    prompts = {int(n): ids for n, ids in spec["prompts"].items()}
     t0 = time.perf_counter()
     engine = make_engine(args.spec, args.model, args.threads, args.compile)
     load_s = time.perf_counter() - t0
-    path = args.model or default_model_path()
-    from pathlib import Path
-
-    tok = load_hf_tokenizer(Path(path)) if Path(path).is_dir() else load_gguf_tokenizer(path)
     result = measure_latency(
-        engine, lambda n: prompt_ids(tok, n, args.data),
-        prefill_lengths=tuple(int(x) for x in args.prefill.split(",")),
-        decode_tokens=args.decode_tokens, repeats=args.repeats,
+        engine, prompts.__getitem__, prefill_lengths=tuple(spec["prefill"]), decode_prompt=spec["decode_prompt"], decode_tokens=args.decode_tokens, repeats=args.repeats,
         progress=lambda s: print(f"  {engine.name}: {s}", file=sys.stderr, flush=True),
     )
     result.update(spec=args.spec, load_s=load_s, threads=args.threads,
-                  peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                  peak_rss_bytes=peak_rss_bytes())
     print(json.dumps(result))
     return 0
 

@@ -17,6 +17,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
+
+from miaotui.errors import MiaotuiError
 
 DEFAULT_ENGINES = "miaotui:fp32,miaotui:bf16,hf:fp32,hf:bf16,llama.cpp"
 
@@ -50,11 +54,26 @@ def _cannot_run(spec: str, model: str | None) -> str | None:
     return None
 
 
-def _run_engine(spec: str, args: argparse.Namespace) -> dict | None:
+DECODE_PROMPT = 32  # tokens of prompt before the decode measurement
+
+
+def _write_prompts(args: argparse.Namespace, lengths: list[int], path: Path) -> None:
+    """Token ids made once, here, so every engine gets exactly the same prompts."""
+    from miaotui.bench.prompts import prompt_ids
+    from miaotui.loading import default_model_path
+    from miaotui.loading.gguf_tokenizer import load_gguf_tokenizer
+    from miaotui.loading.tokenizer import load_hf_tokenizer
+
+    model = Path(args.model) if args.model else default_model_path()
+    tok = load_hf_tokenizer(model) if model.is_dir() else load_gguf_tokenizer(model)
+    prompts = {n: prompt_ids(tok, n, args.data) for n in [DECODE_PROMPT, *lengths]}
+    path.write_text(json.dumps({"prompts": prompts, "prefill": lengths, "decode_prompt": DECODE_PROMPT}))
+
+
+def _run_engine(spec: str, args: argparse.Namespace, prompts: Path) -> dict | None:
     cmd = [sys.executable, "-m", "miaotui.bench.worker", spec, "--threads", str(args.threads),
-           "--prefill", args.prefill, "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats)]
+           "--prompts", str(prompts), "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats)]
     cmd += ["--model", args.model] if args.model else []
-    cmd += ["--data", args.data] if args.data else []
     cmd += ["--compile"] if args.compile and spec.startswith("miaotui") else []
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
     if proc.returncode != 0:
@@ -72,6 +91,13 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     bandwidth = measure_read_bandwidth()
     lengths = args.prefill.split(",")
+    try:
+        ints = [int(n) for n in lengths]
+    except ValueError:
+        raise MiaotuiError(f"--prefill wants comma-separated token counts, got {args.prefill!r}") from None
+    workdir = Path(tempfile.mkdtemp(prefix="miaotui-bench-"))
+    prompts = workdir / "prompts.json"
+    _write_prompts(args, ints, prompts)
     results, skipped = [], []
     for spec in [s.strip() for s in args.engines.split(",") if s.strip()]:
         reason = _cannot_run(spec, args.model)
@@ -80,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"[bench] skipping {skipped[-1]}", file=sys.stderr)
             continue
         print(f"[bench] {spec} ...", file=sys.stderr, flush=True)
-        r = _run_engine(spec, args)
+        r = _run_engine(spec, args, prompts)
         if r is not None:
             results.append(r)
     summary = {"bandwidth_gb_s": bandwidth / 1e9, "threads": args.threads, "torch": torch.__version__,

