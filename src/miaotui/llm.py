@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from miaotui.config import GenerationStats, SamplingParams
+from miaotui.engine.detokenizer import IncrementalDetokenizer
+from miaotui.engine.engine_config import CacheConfig, EngineConfig
+from miaotui.engine.llm_engine import LLMEngine, budget_blocks
+from miaotui.engine.stops import StopChecker
 from miaotui.engine.text import stream_text
+from miaotui.errors import MiaotuiError
 from miaotui.loading import LoadedModel, load
 from miaotui.loading.tokenizer import encode, encode_chat
 
@@ -52,10 +59,92 @@ class LLM:
         ids = self.encode(prompt)
         return stream_text(self.loaded.model, self.tokenizer, ids, params, self.loaded.eos_token_ids, stats)
 
-    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None):
-        """One prompt → a Completion; a list of prompts → a list of Completions."""
-        if isinstance(prompts, list) and prompts and not isinstance(prompts[0], dict):
-            return [self.generate(p, params) for p in prompts]
+    def generate(self, prompts: Prompt | list[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 engine_config: EngineConfig | None = None):
+        """One prompt → a Completion; a list of prompts → a list of Completions, run as one continuous batch
+        (``params``: one set for all, or one per prompt). Outputs equal one-at-a-time ``generate`` calls."""
+        if isinstance(prompts, list) and (not prompts or not isinstance(prompts[0], dict)):
+            return self._generate_batch(prompts, params, engine_config)
+        if not isinstance(params, (SamplingParams, type(None))):
+            raise MiaotuiError("one prompt takes one SamplingParams")
         stats = GenerationStats()
         text = "".join(self.stream(prompts, params, stats))
         return Completion(text, stats)
+
+    def _generate_batch(self, prompts: list[Prompt], params, engine_config: EngineConfig | None) -> list[Completion]:
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        plist = [p or SamplingParams() for p in plist]
+        if len(plist) != len(prompts):
+            raise MiaotuiError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
+        if not prompts:
+            return []
+        ids = [self.encode(p) for p in prompts]
+        engine = LLMEngine(self.loaded, config=engine_config or self._batch_config(ids, plist))
+        pending = {str(i): _TextState(ids[i], plist[i], self.tokenizer) for i in range(len(prompts))}
+        done: dict[str, _TextState] = {}
+        t0 = time.perf_counter()
+        try:
+            for rid, st in pending.items():
+                engine.add_request(rid, st.prompt_ids, st.params)
+            while engine.has_unfinished():
+                outputs = engine.step()
+                now = time.perf_counter()
+                for o in outputs:
+                    st = pending[o.request_id]
+                    stopped = st.add(o.new_token_ids, now - t0)
+                    if stopped or o.finished:
+                        if stopped:  # a stop string ends the request early: free its slot in the batch
+                            engine.abort(o.request_id)
+                        st.finish("stop" if stopped else o.finish_reason)
+                        done[o.request_id] = pending.pop(o.request_id)
+        finally:
+            for rid in pending:
+                engine.abort(rid)
+        return [Completion("".join(done[str(i)].pieces), done[str(i)].stats) for i in range(len(prompts))]
+
+    def _batch_config(self, ids: list[list[int]], params: list[SamplingParams]) -> EngineConfig:
+        """Just enough context and KV blocks for these requests to all run at once (within the budget)."""
+        model_len = self.loaded.model.max_seq_len
+        need = [min(len(i) + p.max_tokens, model_len) for i, p in zip(ids, params)]
+        cache = CacheConfig()
+        blocks = min(sum(-(-n // cache.block_size) for n in need), budget_blocks(self.loaded.model, cache))
+        seqs = min(len(ids), 64)
+        return EngineConfig(max_model_len=max(2, max(need)), max_num_seqs=seqs,
+                            max_num_batched_tokens=max(512, seqs),
+                            cache=dataclasses.replace(cache, num_blocks=max(1, blocks)))
+
+
+class _TextState:
+    """One batched request at the text edge: detokenizer, stop strings, stats; the same steps as
+    ``stream_text`` so a batch gives what one-at-a-time generation gives."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer):
+        self.prompt_ids, self.params = prompt_ids, params
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stops = StopChecker(params.stop)
+        self.pieces: list[str] = []
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids), finish_reason="length")
+        self._first = 0.0
+
+    def add(self, tokens: list[int], elapsed: float) -> bool:
+        """Feed new tokens; True when a stop string ended the text."""
+        for token in tokens:
+            if self.stats.completion_tokens == 0:
+                self.stats.ttft_s = self._first = elapsed
+            self.stats.completion_tokens += 1
+            self.stats.decode_s = elapsed - self._first
+            text, stopped = self.stops.feed(self.detok.add(token))
+            self.pieces.append(text)
+            if stopped:
+                return True
+        return False
+
+    def finish(self, reason: str | None) -> None:
+        self.stats.finish_reason = reason
+        if self.stops.stopped:
+            return
+        text, stopped = self.stops.feed(self.detok.flush())
+        if stopped:
+            self.stats.finish_reason = "stop"
+        self.pieces.append(text if stopped else text + self.stops.flush())

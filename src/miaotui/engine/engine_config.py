@@ -11,22 +11,29 @@ from miaotui.errors import MiaotuiError
 class CacheConfig:
     """The paged KV cache: ``num_blocks`` blocks of ``block_size`` token slots each.
 
-    The runner sizes ``num_blocks`` from the memory it may spend; the bookkeeping only counts blocks.
+    ``num_blocks=None`` lets ``LLMEngine`` size it: room for ``max_num_seqs`` requests of ``max_model_len``
+    tokens, capped at ``memory_budget_gib`` of K/V (the bookkeeping itself needs a number: the engine hands the
+    scheduler a resolved config).
     """
 
     block_size: int = 16
-    num_blocks: int = 1024
+    num_blocks: int | None = None
     enable_prefix_caching: bool = True  # benchmarks turn it off so repeated prompts are not free
+    memory_budget_gib: float = 2.0  # the most K/V storage an engine-sized cache may take
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise MiaotuiError("block_size must be >= 1")
-        if self.num_blocks < 1:
+        if self.num_blocks is not None and self.num_blocks < 1:
             raise MiaotuiError("num_blocks must be >= 1")
+        if self.memory_budget_gib <= 0:
+            raise MiaotuiError("memory_budget_gib must be > 0")
 
     @property
     def num_slots(self) -> int:
         """Tokens the whole cache holds."""
+        if self.num_blocks is None:
+            raise MiaotuiError("num_blocks is not resolved yet (LLMEngine sizes it from the memory budget)")
         return self.block_size * self.num_blocks
 
 

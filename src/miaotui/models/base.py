@@ -90,8 +90,21 @@ def fuse_linears(linears: list[nn.Linear]) -> tuple[nn.Linear, list[int]]:
     return fused.requires_grad_(False), sizes
 
 
+def position_ids(start_pos: int | torch.Tensor, t: int, device) -> torch.Tensor:
+    """Positions of the T input tokens: ``start_pos + arange(T)``, or ``start_pos`` itself when it is
+    already a 1-D tensor of T positions (a flat batch of several requests, see ``CausalLM``)."""
+    if isinstance(start_pos, torch.Tensor):
+        # a 0-dim start stays data (compiled decode): arange(start, ...) would make the length data-dependent
+        return start_pos if start_pos.dim() == 1 else start_pos + torch.arange(t, device=device)
+    return torch.arange(start_pos, start_pos + t, device=device)
+
+
 class KVCache(nn.Module):
-    """Static cache preallocated to ``max_seq_len``: decode writes in place, never reallocates."""
+    """Static cache preallocated to ``max_seq_len``: decode writes in place, never reallocates.
+
+    Attention modules call only ``attend`` (write the new K/V, attend over what is cached), the method
+    every cache offers, so a model file works unchanged with the paged cache of ``engine/paged_cache.py``.
+    """
 
     def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str | None = None):
@@ -121,6 +134,13 @@ class KVCache(nn.Module):
         self.v[:b, :, start:end] = v
         return self.k[:b, :, :end], self.v[:b, :, :end]
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor,
+               window: int | None = None, scale: float | None = None) -> torch.Tensor:
+        """Write k/v (B, Hkv, T, D) at [start, start+T), then causal attention of q (B, H, T, D) over
+        positions [0, start+T) → (B, H, T, D)."""
+        k, v = self.update(start, k, v)
+        return attend(q, k, v, start, window, scale)
+
 
 def attention_mask(t: int, start: int, window: int | None, device) -> torch.Tensor | None:
     """Boolean (T, start+T) mask (True = attend) or None when plain causal suffices."""
@@ -148,26 +168,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch
         keep = k_pos <= start
         if window is not None:
             keep &= k_pos > start - window
-        return _decode_attention(q, k, v, scale, keep)
+        return decode_attention(q, k, v, scale, keep)
     if t == 1:
         if window is not None:  # the newest position sees exactly the last `window` keys
             k, v = k[:, :, -window:], v[:, :, -window:]
-        return _decode_attention(q, k, v, scale)
+        return decode_attention(q, k, v, scale)
     mask = attention_mask(t, start, window, q.device)
     causal = mask is None
     gqa = k.shape[1] != h
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      keep: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence: two small matmuls beat SDPA's CPU flash kernel ~5x here.
 
     Query heads sharing a KV head are stacked as rows, so GQA needs no repeated K/V:
-    q (B, H, 1, D) → (B, Hkv, G, D) against k (B, Hkv, S, D). ``keep`` (S,) masks cache slots.
+    q (B, H, 1, D) → (B, Hkv, G, D) against k (B, Hkv, S, D). ``keep`` (S,), or (B, 1, 1, S) for
+    sequences of different lengths, masks cache slots.
     """
     b, h, _, d = q.shape
-    q = q.view(b, k.shape[1], h // k.shape[1], d)
+    q = q.reshape(b, k.shape[1], h // k.shape[1], d)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, Hkv, G, S)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
@@ -181,6 +202,12 @@ class CausalLM(nn.Module):
     ``forward(input_ids (B, T), start_pos) → logits (B, T, V)`` (only the last position when
     ``last_only``). With a cache set up, K/V of positions [start_pos, start_pos+T) are written to it;
     without one, ``start_pos`` must be 0 and attention is over the input alone.
+
+    ``start_pos`` is an int (eager), a 0-dim tensor (compiled decode: one graph for every position) or a
+    1-D tensor of T positions: a flat batch of several requests' tokens as input_ids (1, T), which only the
+    paged cache can serve (it knows from its step metadata which request each token belongs to).
+    ``logit_rows`` (1-D indices along T) keeps just those positions' logits, e.g. the last token of each
+    request that samples: the final norm and the output projection run on those rows only.
     """
 
     # subclasses fill these in
@@ -191,6 +218,13 @@ class CausalLM(nn.Module):
 
     def attention_layers(self) -> list[nn.Module]:
         raise NotImplementedError
+
+    @staticmethod
+    def logit_positions(x: torch.Tensor, last_only: bool, logit_rows: torch.Tensor | None) -> torch.Tensor:
+        """The hidden states (B, T, C) whose logits ``forward`` returns."""
+        if logit_rows is not None:
+            return x[:, logit_rows]
+        return x[:, -1:] if last_only else x
 
     def kv_shape(self) -> tuple[int, int]:
         """(n_kv_heads, head_dim) per layer, for cache allocation."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miaotui.models.base import CausalLM, KVCache, attend
+from miaotui.models.base import CausalLM, KVCache, attend, position_ids
 from miaotui.models.registry import register
 
 _ACTIVATIONS = {
@@ -65,17 +65,18 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(a.n_embd, a.n_embd)
         scale = 1 / math.sqrt(self.head_dim) if a.scale_attn_weights else 1.0
         self.scale = scale / (layer_idx + 1) if a.scale_attn_by_inverse_layer_idx else scale
-        self.kv_cache: KVCache | None = None
+        self.kv_cache: KVCache | None = None  # or any cache with the same ``attend``
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.c_attn(x).chunk(3, dim=-1)
         q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start, k, v)
+        if self.kv_cache is not None:  # static or paged: the cache writes k/v and attends
+            y = self.kv_cache.attend(q, k, v, start, scale=self.scale)
         elif isinstance(start, torch.Tensor) or start != 0:
             raise ValueError("start_pos > 0 needs a KV cache (call setup_cache first)")
-        y = attend(q, k, v, start, scale=self.scale)
+        else:
+            y = attend(q, k, v, 0, scale=self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -99,7 +100,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(a.n_embd, eps=a.layer_norm_epsilon)
         self.mlp = MLP(a)
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), start)
         return x + self.mlp(self.ln_2(x))
 
@@ -155,12 +156,10 @@ class GPT2LMHeadModel(CausalLM):
         return attn.c_proj.in_features // attn.head_dim, attn.head_dim
 
     def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0,
-                last_only: bool = False) -> torch.Tensor:
-        t = input_ids.shape[1]
-        pos = torch.arange(start_pos, start_pos + t, device=input_ids.device)
+                last_only: bool = False, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        pos = position_ids(start_pos, input_ids.shape[1], input_ids.device)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)
         for blk in self.transformer.h:
             x = blk(x, start_pos)
-        if last_only:
-            x = x[:, -1:]
+        x = self.logit_positions(x, last_only, logit_rows)
         return self.lm_head(self.transformer.ln_f(x))

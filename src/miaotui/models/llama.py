@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miaotui.models.base import (
-    CausalLM, KVCache, RMSNorm, apply_rope, attend, fuse_linears, rope_parameters, rope_tables,
+    CausalLM, KVCache, RMSNorm, apply_rope, attend, fuse_linears, position_ids, rope_parameters, rope_tables,
 )
 from miaotui.models.registry import register
 
@@ -75,7 +75,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(a.hidden_size, self.n_kv * self.head_dim, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.hidden_size, self.n_kv * self.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, a.hidden_size, bias=a.o_bias)
-        self.kv_cache: KVCache | None = None
+        self.kv_cache: KVCache | None = None  # or any cache with the same ``attend``
         self.qkv_proj: nn.Linear | None = None  # set by fuse(): one matmul instead of three
         self.qkv_split: list[int] = []
 
@@ -96,11 +96,12 @@ class Attention(nn.Module):
         k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start, k, v)
+        if self.kv_cache is not None:  # static or paged: the cache writes k/v and attends
+            y = self.kv_cache.attend(q, k, v, start, self.window)
         elif isinstance(start, torch.Tensor) or start != 0:
             raise ValueError("start_pos > 0 needs a KV cache (call setup_cache first)")
-        y = attend(q, k, v, start, self.window)
+        else:
+            y = attend(q, k, v, 0, self.window)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -132,7 +133,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                start: int | torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -192,16 +194,15 @@ class LlamaForCausalLM(CausalLM):
         return kv_width // attn.head_dim, attn.head_dim
 
     def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         t = input_ids.shape[1]
-        if isinstance(start_pos, torch.Tensor):  # compiled decode: positions are data
-            pos = start_pos + torch.arange(t, device=input_ids.device)
+        if isinstance(start_pos, torch.Tensor):  # compiled decode or a flat batch: positions are data
+            pos = position_ids(start_pos, t, input_ids.device)
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         else:
             cos, sin = self.rope_cos[start_pos:start_pos + t], self.rope_sin[start_pos:start_pos + t]
         x = self.model.embed_tokens(input_ids)
         for blk in self.model.layers:
             x = blk(x, cos, sin, start_pos)
-        if last_only:
-            x = x[:, -1:]
+        x = self.logit_positions(x, last_only, logit_rows)
         return self.lm_head(self.model.norm(x))
