@@ -18,7 +18,7 @@ def test_bench_runs_engines_and_ends_with_json(hf_folder, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "miaotui", "bench", "-m", str(path), "--engines", "miaotui:fp32,hf:fp32,llama.cpp",
          "--no-compile", "--prefill", "16,48", "--decode-tokens", "8", "--repeats", "1", "--threads", "1",
-         "--plot", str(plot)],
+         "--concurrency", "3", "--plot", str(plot)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -30,6 +30,7 @@ def test_bench_runs_engines_and_ends_with_json(hf_folder, tmp_path):
     for r in summary["results"]:
         assert set(r["prefill_tok_s"]) == {"16", "48"} and all(v > 0 for v in r["prefill_tok_s"].values())
         assert r["decode_tok_s"] > 0 and r["ttft_s"] > 0 and r["peak_rss_bytes"] > 0
+        assert r["throughput_tok_s"]["3"] > 0
     assert "miaotui fp32" in proc.stdout and plot.stat().st_size > 0
 
 

@@ -179,3 +179,12 @@ def test_chat_session_keeps_history_and_resets(hf_folder):
     second = llm.generate([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
                            {"role": "user", "content": "How are you?"}], params).text
     assert answers[0] == first and answers[1] == second
+
+
+def test_generate_compile_flag_same_text_and_reports_compile_time(hf_folder, capsys):
+    path, _ = hf_folder("llama-gqa-untied")
+    args = ("generate", "Hello world", "-m", str(path), "-t", "0", "-n", "10", "--ignore-eos", "--json")
+    plain = json.loads(run_cli(capsys, *args)[1].splitlines()[-1])
+    compiled = json.loads(run_cli(capsys, *args, "--compile")[1].splitlines()[-1])
+    assert compiled["text"] == plain["text"]
+    assert compiled["compile_s"] > 0 and plain["compile_s"] == 0

@@ -19,3 +19,7 @@ class Engine:
     def generate(self, ids: list[int], n: int) -> None:
         """Prompt + exactly ``n`` new tokens."""
         raise NotImplementedError
+
+    def batch_generate(self, prompts: list[list[int]], max_new: list[int]) -> None:
+        """All requests at once, each to exactly its own number of new tokens (``throughput.py``)."""
+        raise NotImplementedError(f"{self.name} has no batched generation here")

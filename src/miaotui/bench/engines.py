@@ -54,6 +54,18 @@ class MiaotuiEngine(Engine):
             pass
 
 
+    def batch_generate(self, prompts, max_new):
+        from miaotui.config import SamplingParams
+        from miaotui.engine.engine_config import CacheConfig, EngineConfig
+        from miaotui.engine.llm_engine import LLMEngine
+
+        # prefix caching off: the benchmark prompts share their opening text, and reuse is not throughput
+        config = EngineConfig(max_num_seqs=len(prompts), max_model_len=max(map(len, prompts)) + max(max_new),
+                              cache=CacheConfig(enable_prefix_caching=False))
+        engine = LLMEngine(self.loaded, config=config)
+        engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in max_new])
+
+
 class HFEngine(Engine):
     """transformers' own model class and ``generate`` on the same weights miaotui loads."""
 
@@ -71,9 +83,11 @@ class HFEngine(Engine):
 
             cfg, sd = load_gguf(path, torch_dtype)
             config = transformers.AutoConfig.for_model(**cfg)
-            with torch.device("meta"):
-                self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-            self.model.load_state_dict(sd, strict=False, assign=True)
+            # built on the CPU (not meta) so non-persistent buffers such as rotary tables are real
+            self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+            missing, unexpected = self.model.load_state_dict(sd, strict=False)
+            if unexpected or set(missing) - {"lm_head.weight"}:
+                raise ValueError(f"weights do not fit transformers' model: {missing[:3]} {unexpected[:3]}")
             self.model.tie_weights()
         self.model.eval()
         self.model.generation_config.pad_token_id = 0
@@ -89,3 +103,15 @@ class HFEngine(Engine):
 
     def generate(self, ids, n):
         self._run(ids, n)
+
+    def batch_generate(self, prompts, max_new):
+        # static batching: left-padded, every row runs to the longest requested output
+        width = max(map(len, prompts))
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        n = max(max_new)
+        with torch.inference_mode():
+            self.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)

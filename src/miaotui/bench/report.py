@@ -5,15 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def table(results: list[dict], bandwidth: float, prefill_lengths: list[str]) -> str:
+def table(results: list[dict], bandwidth: float, prefill_lengths: list[str], concurrency: list[str] = ()) -> str:
     head = (["engine"] + [f"prefill {n}" for n in prefill_lengths]
-            + ["TTFT ms", "decode tok/s", "% roofline", "peak RSS MB", "compile s"])
+            + ["TTFT ms", "decode tok/s", "% roofline"] + [f"x{n} tok/s" for n in concurrency]
+            + ["peak RSS MB", "compile s"])
     rows = [head]
     for r in results:
         ceiling = bandwidth / r["weight_bytes"] if r.get("weight_bytes") else 0
         rows.append([r["engine"]] + [f"{r['prefill_tok_s'][n]:.0f}" for n in prefill_lengths] + [
             f"{r['ttft_s'] * 1000:.0f}", f"{r['decode_tok_s']:.1f}",
             f"{100 * r['decode_tok_s'] / ceiling:.0f}%" if ceiling else "-",
+        ] + [f"{r['throughput_tok_s'][n]:.0f}" if n in r.get("throughput_tok_s", {}) else "-" for n in concurrency] + [
             f"{r['peak_rss_bytes'] / 2**20:.0f}", f"{r['compile_s']:.1f}",
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", required=True, help="JSON made by the orchestrator: token ids per length, prefill lengths, decode prompt length")
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--concurrency", default="", help="comma-separated request counts for throughput ('' = none)")
     args = p.parse_args(argv)
 
     if not args.spec.startswith("llama.cpp"):  # keep torch out of a peer's process (and its RSS)
@@ -69,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         engine, prompts.__getitem__, prefill_lengths=tuple(spec["prefill"]), decode_prompt=spec["decode_prompt"], decode_tokens=args.decode_tokens, repeats=args.repeats,
         progress=lambda s: print(f"  {engine.name}: {s}", file=sys.stderr, flush=True),
     )
+    if args.concurrency:
+        from miaotui.bench.throughput import measure_throughput
+
+        try:
+            result["throughput_tok_s"] = measure_throughput(
+                engine, prompts.__getitem__, [int(n) for n in args.concurrency.split(",")], args.repeats,
+                progress=lambda s: print(f"  {engine.name}: {s}", file=sys.stderr, flush=True))
+        except NotImplementedError as e:
+            result["throughput_skipped"] = str(e)
     result.update(spec=args.spec, load_s=load_s, threads=args.threads,
                   peak_rss_bytes=peak_rss_bytes())
     print(json.dumps(result))

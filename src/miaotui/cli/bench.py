@@ -3,7 +3,9 @@
 Each engine runs in its own process (its own peak RSS, no shared thread pool or compile cache), warms up,
 then every figure is the median of --repeats runs: prefill tok/s per prompt length (empty cache, no
 prefix reuse), TTFT at 512 tokens, batch-1 decode tok/s ((N-1) / (t(N) - t(1)), EOS ignored). The roofline
-is measured read bandwidth / weight bytes per token. Ends with one JSON line.
+is measured read bandwidth / weight bytes per token. Throughput: --concurrency requests submitted at once,
+aggregate generated tok/s (miaotui: continuous batching; transformers: a padded static batch). Ends with
+one JSON line.
 
 engines: miaotui:fp32, miaotui:bf16, hf:fp32, hf:bf16 (transformers `generate`), llama.cpp (the GGUF file
 through llama-cpp-python; install the `peers` extra, skipped with a note when absent).
@@ -32,14 +34,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated engines to compare (default: {DEFAULT_ENGINES})")
     p.add_argument("--threads", type=int, default=os.cpu_count(), metavar="N",
                    help="threads for every engine (default: all cores, %(default)s here)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile miaotui's decode step with torch.compile (default: on; the one-off compile "
-                        "time is reported apart)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="compile miaotui's decode step with torch.compile (default: off: on this AVX2 machine "
+                        "eager measured faster; the one-off compile time is reported apart)")
     p.add_argument("--prefill", default="128,512,2048", metavar="N,N,...",
                    help="prompt lengths for prefill (default: 128,512,2048)")
     p.add_argument("--decode-tokens", type=int, default=128, metavar="N",
                    help="new tokens for the decode measurement (default: 128)")
     p.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per figure; the median is kept (default: 3)")
+    p.add_argument("--concurrency", default="8,32", metavar="N,N,...",
+                   help="throughput: submit N requests at once (mixed prompt 32-256 / output 32-128 tokens) and "
+                        "report aggregate tok/s; '' skips it (default: 8,32)")
     p.add_argument("--data", metavar="FILE", help="text to cut prompts from (default: the WikiText excerpt)")
     p.add_argument("--plot", metavar="FILE.png", help="write a bar chart of decode and prefill speed")
     p.add_argument("--json", action="store_true", help="print only the final JSON line on stdout")
@@ -66,7 +71,10 @@ def _write_prompts(args: argparse.Namespace, lengths: list[int], path: Path) -> 
 
     model = Path(args.model) if args.model else default_model_path()
     tok = load_hf_tokenizer(model) if model.is_dir() else load_gguf_tokenizer(model)
-    prompts = {n: prompt_ids(tok, n, args.data) for n in [DECODE_PROMPT, *lengths]}
+    from miaotui.bench.throughput import PROMPT_LENGTHS
+
+    needed = {DECODE_PROMPT, *lengths, *(PROMPT_LENGTHS if args.concurrency else ())}
+    prompts = {n: prompt_ids(tok, n, args.data) for n in sorted(needed)}
     path.write_text(json.dumps({"prompts": prompts, "prefill": lengths, "decode_prompt": DECODE_PROMPT}))
 
 
@@ -74,6 +82,7 @@ def _run_engine(spec: str, args: argparse.Namespace, prompts: Path) -> dict | No
     cmd = [sys.executable, "-m", "miaotui.bench.worker", spec, "--threads", str(args.threads),
            "--prompts", str(prompts), "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats)]
     cmd += ["--model", args.model] if args.model else []
+    cmd += ["--concurrency", args.concurrency] if args.concurrency else []
     cmd += ["--compile"] if args.compile and spec.startswith("miaotui") else []
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
     if proc.returncode != 0:
@@ -109,11 +118,15 @@ def run(args: argparse.Namespace) -> int:
         r = _run_engine(spec, args, prompts)
         if r is not None:
             results.append(r)
+    from miaotui.cpu import cpu_features
+
     summary = {"bandwidth_gb_s": bandwidth / 1e9, "threads": args.threads, "torch": torch.__version__,
+               "cpu_features": cpu_features(),
                "results": results, "skipped": skipped}
     if not args.json:
-        print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} threads, torch {torch.__version__}")
-        print(table(results, bandwidth, lengths))
+        print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} threads, torch {torch.__version__}, "
+              f"CPU features: {' '.join(cpu_features()) or 'unknown'}")
+        print(table(results, bandwidth, lengths, args.concurrency.split(",") if args.concurrency else []))
     if args.plot and results:
         plot(results, args.plot, lengths)
     print(json.dumps(summary))

@@ -53,9 +53,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         from miaotui.llm import Completion
 
-        print(json.dumps(Completion("".join(parts), stats).to_dict(), ensure_ascii=False))
+        record = Completion("".join(parts), stats).to_dict()
+        record["compile_s"] = round(llm.runner.compile_s, 3)  # one-off, excluded from decode_tok_s
+        print(json.dumps(record, ensure_ascii=False))
     else:
         print(f"[{stats.prompt_tokens} prompt + {stats.completion_tokens} new tokens, "
               f"ttft {stats.ttft_s * 1000:.0f} ms, prefill {stats.prefill_tok_s:.0f} tok/s, "
-              f"decode {stats.decode_tok_s:.1f} tok/s, finish: {stats.finish_reason}]", file=sys.stderr)
+              f"decode {stats.decode_tok_s:.1f} tok/s, finish: {stats.finish_reason}"
+              + (f", compile {llm.runner.compile_s:.1f} s" if llm.runner.compiled else "") + "]", file=sys.stderr)
     return 0

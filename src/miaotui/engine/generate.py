@@ -67,6 +67,7 @@ def generate_tokens(
     use_history = params.repetition_penalty != 1.0
 
     stats.prompt_tokens, stats.completion_tokens, stats.finish_reason = n, 0, "length"
+    compile_s0 = runner.compile_s  # compilation during this call is reported apart, not as decode time
     t0 = time.perf_counter()
     logits = runner.prefill(history[:n].unsqueeze(0))[0]
     pos = n
@@ -78,7 +79,7 @@ def generate_tokens(
         if token in eos:
             stats.finish_reason = "stop"
             return
-        stats.decode_s = now - t_first  # up to the last token actually delivered
+        stats.decode_s = now - t_first - (runner.compile_s - compile_s0)  # up to the last token delivered
         stats.completion_tokens += 1
         yield token
         if i + 1 == max_new:
