@@ -12,6 +12,7 @@ from miaotui.config import GenerationStats, SamplingParams
 from miaotui.engine.detokenizer import IncrementalDetokenizer
 from miaotui.engine.engine_config import CacheConfig, EngineConfig
 from miaotui.engine.llm_engine import LLMEngine, budget_blocks
+from miaotui.engine.prepare import prepare_for_inference
 from miaotui.engine.runner import Runner
 from miaotui.engine.stops import StopChecker
 from miaotui.engine.text import stream_text
@@ -48,7 +49,7 @@ class LLM:
         """``compile``: compile the decode step with torch.compile (faster per token; the first run pays a
         one-off compilation of a minute or more on 2 cores, later runs reuse inductor's on-disk cache)."""
         self.loaded = model if isinstance(model, LoadedModel) else load(model, dtype, progress)
-        self.loaded.model.fuse()  # same math (tested), fewer and larger matmuls
+        prepare_for_inference(self.loaded.model)  # fused projections, bf16 fallbacks: same results
         self.runner = Runner(self.loaded.model, compile=compile)
 
     @property

@@ -24,13 +24,13 @@ def decode_bytes(model: torch.nn.Module) -> int:
 
 
 class MiaotuiEngine(Engine):
-    def __init__(self, model: str | None, dtype: str, compile: bool, fuse: bool = True):
+    def __init__(self, model: str | None, dtype: str, compile: bool):
+        from miaotui.engine.prepare import prepare_for_inference
         from miaotui.engine.runner import Runner
         from miaotui.loading import load
 
         self.loaded = load(model, dtype)
-        if fuse:
-            self.loaded.model.fuse()
+        prepare_for_inference(self.loaded.model)
         self.runner = Runner(self.loaded.model, compile=compile)
         self.name = f"miaotui {dtype}{' compiled' if compile else ''}"
         self.weight_bytes = decode_bytes(self.loaded.model)

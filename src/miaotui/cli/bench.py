@@ -7,7 +7,8 @@ is measured read bandwidth / weight bytes per token. Throughput: --concurrency r
 aggregate generated tok/s (miaotui: continuous batching; transformers: a padded static batch). Ends with
 one JSON line.
 
-engines: miaotui:fp32, miaotui:bf16, hf:fp32, hf:bf16 (transformers `generate`), llama.cpp (the GGUF file
+engines: miaotui:fp32, miaotui:bf16 (append +compile to compile one of them, e.g. miaotui:bf16+compile, to
+compare compiled and eager in one run), hf:fp32, hf:bf16 (transformers `generate`), llama.cpp (the GGUF file
 through llama-cpp-python; install the `peers` extra, skipped with a note when absent).
 """
 
@@ -79,11 +80,13 @@ def _write_prompts(args: argparse.Namespace, lengths: list[int], path: Path) -> 
 
 
 def _run_engine(spec: str, args: argparse.Namespace, prompts: Path) -> dict | None:
+    compile_it = spec.startswith("miaotui") and (args.compile or spec.endswith("+compile"))
+    spec = spec.removesuffix("+compile")
     cmd = [sys.executable, "-m", "miaotui.bench.worker", spec, "--threads", str(args.threads),
            "--prompts", str(prompts), "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats)]
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--concurrency", args.concurrency] if args.concurrency else []
-    cmd += ["--compile"] if args.compile and spec.startswith("miaotui") else []
+    cmd += ["--compile"] if compile_it else []
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
     if proc.returncode != 0:
         print(f"[bench] {spec} failed (exit {proc.returncode}); see its output above", file=sys.stderr)

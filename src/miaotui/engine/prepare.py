@@ -1,0 +1,46 @@
+"""Make a loaded model fast on the hardware at hand, without changing what it computes.
+
+- q/k/v and gate/up are fused (fewer, larger matmuls; same math).
+- bf16 on a CPU without native bf16 dot products (no AVX512-BF16/AMX): weights stay bf16, so a decode step
+  reads half the bytes of fp32, but inputs of many rows (prefill, batches) are multiplied in fp32, where
+  emulated bf16 matmuls are ~6x slower. One-row decode keeps the bf16 kernel (it is bandwidth-bound).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miaotui.cpu import has_native_bf16
+from miaotui.models import CausalLM
+
+
+class UpcastLinear(nn.Linear):
+    """A bf16 ``nn.Linear`` that computes in fp32 for inputs of at least ``MIN_ROWS`` rows."""
+
+    MIN_ROWS = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] < self.MIN_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        bias = self.bias.float() if self.bias is not None else None
+        return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+
+
+def upcast_many_row_matmuls(model: nn.Module) -> int:
+    """Swap every plain bf16 ``nn.Linear`` for ``UpcastLinear`` in place (weights, ties kept); returns the count."""
+    n = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16:
+            module.__class__ = UpcastLinear  # same parameters, new forward: nothing is copied
+            n += 1
+    return n
+
+
+def prepare_for_inference(model: CausalLM) -> CausalLM:
+    model.fuse()
+    on_cpu = model.lm_head.weight.device.type == "cpu"
+    if on_cpu and model.lm_head.weight.dtype == torch.bfloat16 and has_native_bf16() is False:
+        upcast_many_row_matmuls(model)
+    return model
