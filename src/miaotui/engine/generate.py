@@ -36,6 +36,22 @@ def ensure_cache(model: CausalLM, length: int) -> None:
         model.setup_cache(batch=1, max_seq_len=min(rounded, model.max_seq_len))
 
 
+def start_generation(model: CausalLM, prompt_ids: list[int], params: SamplingParams, eos_ids: Iterable[int],
+                     generator: torch.Generator | None):
+    """What every single-sequence decoder needs first: the prompt checked against the context, the cache
+    sized, the generator, the EOS set, and a history buffer (prompt + room for every new id) that the
+    repetition penalty reads. Returns ``(max_new, generator, eos, history)``."""
+    n = len(prompt_ids)
+    check_prompt(n, model.max_seq_len)
+    max_new = min(params.max_tokens, model.max_seq_len - n)
+    ensure_cache(model, n + max_new)
+    generator = generator or make_generator(params.seed)
+    eos = frozenset(() if params.ignore_eos else eos_ids)
+    history = torch.empty(n + max_new, dtype=torch.long, device=model.lm_head.weight.device)
+    history[:n] = torch.tensor(prompt_ids, dtype=torch.long)
+    return max_new, generator, eos, history
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: CausalLM | Runner,
@@ -55,15 +71,7 @@ def generate_tokens(
     model = runner.model
     stats = stats if stats is not None else GenerationStats()
     n = len(prompt_ids)
-    check_prompt(n, model.max_seq_len)
-    max_new = min(params.max_tokens, model.max_seq_len - n)
-    ensure_cache(model, n + max_new)
-    generator = generator or make_generator(params.seed)
-    eos = frozenset(() if params.ignore_eos else eos_ids)
-    device = model.lm_head.weight.device
-    # prompt + generated ids, for the repetition penalty
-    history = torch.empty(n + max_new, dtype=torch.long, device=device)
-    history[:n] = torch.tensor(prompt_ids, dtype=torch.long)
+    max_new, generator, eos, history = start_generation(model, prompt_ids, params, eos_ids, generator)
     use_history = params.repetition_penalty != 1.0
 
     stats.prompt_tokens, stats.completion_tokens, stats.finish_reason = n, 0, "length"

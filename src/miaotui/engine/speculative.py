@@ -23,8 +23,8 @@ from typing import Protocol
 import torch
 
 from miaotui.config import GenerationStats, SamplingParams
-from miaotui.engine.generate import check_prompt, ensure_cache
-from miaotui.engine.sampler import filtered_probs, make_generator
+from miaotui.engine.generate import ensure_cache, start_generation
+from miaotui.engine.sampler import filtered_probs
 from miaotui.models import CausalLM
 
 
@@ -236,16 +236,9 @@ def speculative_generate_tokens(
     """
     stats = stats if stats is not None else GenerationStats()
     n = len(prompt_ids)
-    check_prompt(n, target.max_seq_len)
-    max_new = min(params.max_tokens, target.max_seq_len - n)
-    ensure_cache(target, n + max_new)
-    generator = generator or make_generator(params.seed)
-    eos = frozenset(() if params.ignore_eos else eos_ids)
-    device = target.lm_head.weight.device
+    # history: seq as a tensor, with room for the drafts being verified; the repetition penalty reads it
+    max_new, generator, eos, history = start_generation(target, prompt_ids, params, eos_ids, generator)
     seq = list(prompt_ids)
-    # seq as a tensor, with room for the drafts being verified: the repetition penalty reads it
-    history = torch.empty(n + max_new, dtype=torch.long, device=device)
-    history[:n] = torch.tensor(prompt_ids, dtype=torch.long)
     proposer.reset(seq, n + max_new)
     spec = {"proposed": 0, "accepted": 0, "acceptance_rate": 0.0, "target_forwards": 0}
     stats.extra["spec"] = spec
