@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+from miaotui.bench.prompts import default_data_file
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test-excerpt.txt"
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+DATA = default_data_file()
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,8 @@ def reference(default_path):
 
 
 def wikitext_ids(tokenizer, n: int) -> list[int]:
-    if not DATA.is_file():
-        pytest.skip(f"{DATA} not found")
+    if DATA is None:
+        pytest.skip("the WikiText excerpt (shared/data) was not found; set MIAOTUI_DATA_DIR")
     ids = tokenizer(DATA.read_text()).input_ids
     return ids[:n]
 

@@ -9,13 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from miaotui.config import GenerationStats, SamplingParams
-from miaotui.engine.detokenizer import IncrementalDetokenizer
 from miaotui.engine.engine_config import CacheConfig, EngineConfig
 from miaotui.engine.llm_engine import LLMEngine, budget_blocks
 from miaotui.engine.prepare import prepare_for_inference
 from miaotui.engine.runner import Runner
-from miaotui.engine.stops import StopChecker
-from miaotui.engine.text import stream_text
+from miaotui.engine.text import TextAssembler, stream_text
 from miaotui.errors import MiaotuiError
 from miaotui.loading import LoadedModel, load
 from miaotui.loading.tokenizer import encode, encode_chat
@@ -123,13 +121,12 @@ class LLM:
 
 
 class _TextState:
-    """One batched request at the text edge: detokenizer, stop strings, stats; the same steps as
-    ``stream_text`` so a batch gives what one-at-a-time generation gives."""
+    """One batched request at the text edge: the same ``TextAssembler`` as ``stream_text``, so a batch
+    gives what one-at-a-time generation gives, plus its stats."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer):
         self.prompt_ids, self.params = prompt_ids, params
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-        self.stops = StopChecker(params.stop)
+        self.text = TextAssembler(tokenizer, prompt_ids, params.stop)
         self.pieces: list[str] = []
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids), finish_reason="length")
         self._first = 0.0
@@ -141,7 +138,7 @@ class _TextState:
                 self.stats.ttft_s = self._first = elapsed
             self.stats.completion_tokens += 1
             self.stats.decode_s = elapsed - self._first
-            text, stopped = self.stops.feed(self.detok.add(token))
+            text, stopped = self.text.add(token)
             self.pieces.append(text)
             if stopped:
                 return True
@@ -149,9 +146,7 @@ class _TextState:
 
     def finish(self, reason: str | None) -> None:
         self.stats.finish_reason = reason
-        if self.stops.stopped:
-            return
-        text, stopped = self.stops.feed(self.detok.flush())
+        text, stopped = self.text.finish()
         if stopped:
             self.stats.finish_reason = "stop"
-        self.pieces.append(text if stopped else text + self.stops.flush())
+        self.pieces.append(text)

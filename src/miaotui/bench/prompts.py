@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 _FALLBACK = (
@@ -11,13 +12,13 @@ _FALLBACK = (
 
 
 def default_data_file() -> Path | None:
-    # the repository's sibling `shared/data` when run from a checkout (tests, CI, the README's bench)
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "shared" / "data" / "wikitext2-test-excerpt.txt"
-        if candidate.is_file():
-            return candidate
-    return None
+    """The shared WikiText excerpt: ``$MIAOTUI_DATA_DIR``, else a ``shared/data`` beside any parent folder of
+    this checkout (the project's layout), else the workspace's ``/work/shared/data``."""
+    name = "wikitext2-test-excerpt.txt"
+    dirs = [Path(os.environ["MIAOTUI_DATA_DIR"])] if os.environ.get("MIAOTUI_DATA_DIR") else []
+    dirs += [parent / "shared" / "data" for parent in Path(__file__).resolve().parents]
+    dirs.append(Path("/work/shared/data"))
+    return next((d / name for d in dirs if (d / name).is_file()), None)
 
 
 def prompt_ids(tokenizer, n_tokens: int, data: str | Path | None = None) -> list[int]:

@@ -10,25 +10,44 @@ from miaotui.engine.generate import generate_tokens
 from miaotui.engine.stops import StopChecker
 
 
+class TextAssembler:
+    """Token ids → text deltas for one request: UTF-8-safe detokenisation, then stop strings.
+
+    ``add`` returns the text now safe to show and whether a stop string ended the text; ``finish``
+    releases what was held back when generation ends for another reason (EOS, length).
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...]):
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stops = StopChecker(stop)
+
+    def add(self, token: int) -> tuple[str, bool]:
+        return self.stops.feed(self.detok.add(token))
+
+    def finish(self) -> tuple[str, bool]:
+        if self.stops.stopped:
+            return "", True
+        text, stopped = self.stops.feed(self.detok.flush())
+        return (text if stopped else text + self.stops.flush()), stopped
+
+
 def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams, eos_ids=(),
                 stats: GenerationStats | None = None, generator=None) -> Iterator[str]:
     """Yield text deltas as tokens arrive; a stop string ends generation and is not emitted."""
     stats = stats if stats is not None else GenerationStats()
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-    stops = StopChecker(params.stop)
+    text_out = TextAssembler(tokenizer, prompt_ids, params.stop)
     tokens = generate_tokens(model, prompt_ids, params, eos_ids, generator, stats)
     try:
         for token in tokens:
-            text, stopped = stops.feed(detok.add(token))
+            text, stopped = text_out.add(token)
             if text:
                 yield text
             if stopped:
                 stats.finish_reason = "stop"
                 return
-        text, stopped = stops.feed(detok.flush())
+        text, stopped = text_out.finish()
         if stopped:
             stats.finish_reason = "stop"
-        text += "" if stopped else stops.flush()
         if text:
             yield text
     finally:
