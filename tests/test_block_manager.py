@@ -101,3 +101,8 @@ def test_config_validation():
     with pytest.raises(MiaotuiError):
         EngineConfig(max_num_seqs=8, max_num_batched_tokens=4)  # a decode could starve
     assert CacheConfig(block_size=16, num_blocks=4).num_slots == 64
+
+
+def test_unresolved_block_count_is_a_clear_error():
+    with pytest.raises(MiaotuiError, match="num_blocks is not resolved"):
+        BlockManager(CacheConfig())

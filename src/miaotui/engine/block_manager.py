@@ -19,7 +19,7 @@ from miaotui.engine.request import Request
 class BlockManager:
     def __init__(self, config: CacheConfig):
         self.block_size = config.block_size
-        self.num_blocks = config.num_blocks
+        self.num_blocks = config.num_slots // config.block_size  # num_slots raises if num_blocks is unresolved
         self._ref = [0] * config.num_blocks
         self._free: deque[int] = deque(range(config.num_blocks))  # never cached (or evicted) blocks
         self.prefix_cache: PrefixCache | None = PrefixCache() if config.enable_prefix_caching else None
