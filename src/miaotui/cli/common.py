@@ -15,9 +15,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for PyTorch (default: PyTorch's choice, the physical cores)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step with torch.compile (the first run compiles for a minute or more, "
-                        "cached on disk afterwards; whether it is faster depends on the CPU: check with "
-                        "`miaotui bench --compile`)")
+                   help="compile the decode step with torch.compile: 1.2-1.4x faster decode measured on a 2-core "
+                        "AVX2 CPU, but the first run compiles for ~2 minutes (seconds afterwards, from the on-disk "
+                        "cache)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
