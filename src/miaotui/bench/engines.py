@@ -53,7 +53,6 @@ class MiaotuiEngine(Engine):
         for _ in generate_tokens(self.runner, ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)):
             pass
 
-
     def batch_generate(self, prompts, max_new):
         from miaotui.config import SamplingParams
         from miaotui.engine.engine_config import CacheConfig, EngineConfig

@@ -10,8 +10,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", metavar="PATH",
                    help="a Hugging Face model folder or a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="compute dtype: fp32 (exact) or bf16 (half the memory; faster only on CPUs with AVX512-BF16 or "
-                        "AMX, emulated and slower elsewhere) (default: fp32)")
+                   help="compute dtype: fp32 (exact) or bf16 (half the weight bytes: faster decode; on CPUs without "
+                        "AVX512-BF16/AMX long inputs are multiplied in fp32) (default: fp32)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for PyTorch (default: PyTorch's choice, the physical cores)")
     p.add_argument("--compile", action="store_true",
@@ -62,6 +62,6 @@ def load_llm(args: argparse.Namespace):
         from miaotui.cpu import has_native_bf16
 
         if has_native_bf16() is False:
-            print("miaotui: warning: this CPU has no AVX512-BF16/AMX, so bf16 matmuls are emulated and usually "
-                  "slower than fp32", file=sys.stderr)
+            print("miaotui: note: this CPU has no AVX512-BF16/AMX: one-token decode uses emulated bf16, "
+                  "prompts and batches are multiplied in fp32", file=sys.stderr)
     return LLM(args.model, dtype=args.dtype, progress=sys.stderr.isatty(), compile=args.compile)

@@ -22,10 +22,6 @@ class Runner:
                            if compile else None)
         self._seen_cache_len = -1
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
-
     def _decode_eager(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.model(token, pos)[:, -1]
 
