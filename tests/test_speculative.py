@@ -298,6 +298,7 @@ class Bigram(nn.Module):
         self.table = table
         self.max_seq_len, self.cache_len = max_seq_len, 0
         self.calls = 0
+        self.device = table.device  # what CausalLM offers the engine
 
     def setup_cache(self, batch: int, max_seq_len: int | None = None, dtype=None) -> None:
         self.cache_len = min(max_seq_len or self.max_seq_len, self.max_seq_len)

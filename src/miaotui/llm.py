@@ -43,10 +43,17 @@ class LLM:
     """
 
     def __init__(self, model: str | LoadedModel | None = None, dtype: str = "fp32", progress: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, kv_cache_dtype: str = "auto"):
         """``compile``: compile the decode step with torch.compile (faster per token; the first run pays a
-        one-off compilation of a minute or more on 2 cores, later runs reuse inductor's on-disk cache)."""
+        one-off compilation of a minute or more on 2 cores, later runs reuse inductor's on-disk cache).
+        ``kv_cache_dtype``: "auto" (the model's dtype) or "int8" (a quarter of fp32's cache memory)."""
+        from miaotui.compress.quant.kv import parse_kv_dtype
+
         self.loaded = model if isinstance(model, LoadedModel) else load(model, dtype, progress)
+        try:
+            self.loaded.model.kv_cache_dtype = parse_kv_dtype(kv_cache_dtype)
+        except ValueError as e:
+            raise MiaotuiError(str(e)) from None
         prepare_for_inference(self.loaded.model)  # fused projections, bf16 fallbacks: same results
         self.runner = Runner(self.loaded.model, compile=compile)
 

@@ -15,11 +15,13 @@ from miaotui.bench.engine_base import Engine
 def decode_bytes(model: torch.nn.Module) -> int:
     """Weight bytes one decode step reads: every parameter once, but of an untied input embedding
     only the one row it looks up (a tied one is read whole as the output projection)."""
-    params = {id(p): p for p in model.parameters()}.values()
-    total = sum(p.numel() * p.element_size() for p in params)
-    embed = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding)).weight
-    if embed is not model.lm_head.weight:
-        total -= embed.numel() * embed.element_size()
+    # persistent tensors only (a quantized linear's weights are buffers), each storage once (tied weights)
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}.values()
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    embed = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    head = getattr(model.lm_head, "weight", None)
+    if embed is not None and embed.weight is not head:
+        total -= embed.weight.numel() * embed.weight.element_size()
     return total
 
 
@@ -32,7 +34,8 @@ class MiaotuiEngine(Engine):
         self.loaded = load(model, dtype)
         prepare_for_inference(self.loaded.model)
         self.runner = Runner(self.loaded.model, compile=compile)
-        self.name = f"miaotui {dtype}{' compiled' if compile else ''}"
+        what = self.loaded.manifest["recipe"].get("name", "compressed") if self.loaded.manifest else dtype
+        self.name = f"miaotui {what}{' compiled' if compile else ''}"
         self.weight_bytes = decode_bytes(self.loaded.model)
 
     @property

@@ -7,7 +7,8 @@ is measured read bandwidth / weight bytes per token. Throughput: --concurrency r
 aggregate generated tok/s (miaotui: continuous batching; transformers: a padded static batch). Ends with
 one JSON line.
 
-engines: miaotui:fp32, miaotui:bf16 (append +compile to compile one of them, e.g. miaotui:bf16+compile, to
+engines: miaotui:fp32, miaotui:bf16 (append @PATH to run one on another model, e.g. a compressed checkpoint:
+miaotui:fp32@out/int4; append +compile to compile one of them, e.g. miaotui:bf16+compile, to
 compare compiled and eager in one run), hf:fp32, hf:bf16 (transformers `generate`), llama.cpp (the GGUF file
 through llama-cpp-python; install the `peers` extra, skipped with a note when absent).
 """
@@ -29,6 +30,9 @@ DEFAULT_ENGINES = "miaotui:fp32,miaotui:bf16,hf:fp32,hf:bf16,llama.cpp"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("mode", nargs="?", choices=["engines", "serve"], default="engines",
+                   help="engines: compare engines in-process (default); serve: load a running server at --url "
+                        "(TTFT/TPOT/ITL/E2E percentiles, throughput, failures)")
     p.add_argument("-m", "--model", metavar="PATH",
                    help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--engines", default=DEFAULT_ENGINES,
@@ -50,6 +54,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="FILE", help="text to cut prompts from (default: the WikiText excerpt)")
     p.add_argument("--plot", metavar="FILE.png", help="write a bar chart of decode and prefill speed")
     p.add_argument("--json", action="store_true", help="print only the final JSON line on stdout")
+    from miaotui.bench.serve_load import add_serve_args
+
+    add_serve_args(p)
+    p.add_argument("--tp", metavar="N,N,...",
+                   help="compare tensor-parallel sizes instead of engines: TP=1 with all --threads in one process "
+                        "vs N torchrun ranks splitting them (fp32, eager); decode/prefill tok/s, weights per rank")
 
 
 def _cannot_run(spec: str, model: str | None) -> str | None:
@@ -81,11 +91,13 @@ def _write_prompts(args: argparse.Namespace, lengths: list[int], path: Path) -> 
 
 
 def _run_engine(spec: str, args: argparse.Namespace, prompts: Path) -> dict | None:
+    spec, _, model = spec.partition("@")  # miaotui:fp32@DIR: this engine on another model (a checkpoint)
+    model = model or args.model
     compile_it = spec.startswith("miaotui") and (args.compile or spec.endswith("+compile"))
     spec = spec.removesuffix("+compile")
     cmd = [sys.executable, "-m", "miaotui.bench.worker", spec, "--threads", str(args.threads),
            "--prompts", str(prompts), "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats)]
-    cmd += ["--model", args.model] if args.model else []
+    cmd += ["--model", model] if model else []
     cmd += ["--concurrency", args.concurrency] if args.concurrency else []
     cmd += ["--compile"] if compile_it else []
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
@@ -95,10 +107,10 @@ def _run_engine(spec: str, args: argparse.Namespace, prompts: Path) -> dict | No
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(args: argparse.Namespace) -> int:
+def collect(args: argparse.Namespace) -> dict:
+    """Run every engine of ``args.engines`` in its own process; the summary that ``--json`` prints."""
     import torch
 
-    from miaotui.bench.report import plot, table
     from miaotui.bench.roofline import measure_read_bandwidth
 
     torch.set_num_threads(args.threads)
@@ -124,12 +136,26 @@ def run(args: argparse.Namespace) -> int:
             results.append(r)
     from miaotui.cpu import cpu_features
 
-    summary = {"bandwidth_gb_s": bandwidth / 1e9, "threads": args.threads, "torch": torch.__version__,
-               "cpu_features": cpu_features(),
-               "results": results, "skipped": skipped}
+    return {"bandwidth_gb_s": bandwidth / 1e9, "threads": args.threads, "torch": torch.__version__,
+            "cpu_features": cpu_features(), "prefill_lengths": lengths, "results": results, "skipped": skipped}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.tp:
+        from miaotui.bench.tp import run_tp
+
+        return run_tp(args)
+    if args.mode == "serve":
+        from miaotui.bench import serve_load
+
+        return serve_load.run(args)
+    from miaotui.bench.report import plot, table
+
+    summary = collect(args)
+    results, lengths, bandwidth = summary["results"], summary["prefill_lengths"], summary["bandwidth_gb_s"] * 1e9
     if not args.json:
-        print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} threads, torch {torch.__version__}, "
-              f"CPU features: {' '.join(cpu_features()) or 'unknown'}")
+        print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} threads, torch {summary['torch']}, "
+              f"CPU features: {' '.join(summary['cpu_features']) or 'unknown'}")
         print(table(results, bandwidth, lengths, args.concurrency.split(",") if args.concurrency else []))
     if args.plot and results:
         plot(results, args.plot, lengths)

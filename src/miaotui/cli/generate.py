@@ -30,7 +30,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from miaotui.config import GenerationStats
     from miaotui.errors import MiaotuiError
+    from miaotui.parallel import launch
 
+    if launch.is_follower():  # under torchrun, ranks > 0 replay rank 0's forwards; rank 0 reads and prints
+        return launch.follow(args.model, args.dtype, args.threads)
     prompt = args.prompt
     if prompt is None:
         if sys.stdin.isatty():
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt = messages + [{"role": "user", "content": prompt}]
     params = sampling_params(args)
-    llm = load_llm(args)
+    llm = launch.lead(args.model, args.dtype, args.threads) if launch.tp_active() else load_llm(args)
     stats = GenerationStats()
     parts = []
     for delta in llm.stream(prompt, params, stats):

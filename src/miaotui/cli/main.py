@@ -13,6 +13,12 @@ VERBS = {
     "chat": ("miaotui.cli.chat", "interactive chat with streaming answers"),
     "inspect": ("miaotui.cli.inspect", "show a model's architecture, size, dtypes, context and tokenizer"),
     "bench": ("miaotui.cli.bench", "benchmark prefill/TTFT/decode against transformers and llama.cpp"),
+    "compress": ("miaotui.cli.compress", "quantize a model with a recipe (int8, int4 RTN/GPTQ/AWQ, W8A8) into a checkpoint"),
+    "eval": ("miaotui.cli.eval", "perplexity, KL divergence and top-1 agreement vs a reference; task accuracy"),
+    "serve": ("miaotui.cli.serve", "serve a model behind an OpenAI-compatible HTTP API (FastAPI, SSE streaming)"),
+    "embed": ("miaotui.cli.embed", "sentence embeddings with a BERT-family encoder (.npy or .jsonl)"),
+    "fill-mask": ("miaotui.cli.fill_mask", "fill in [MASK] tokens with a masked-LM encoder"),
+    "classify": ("miaotui.cli.classify", "classify texts with a sequence-classification encoder"),
 }
 
 

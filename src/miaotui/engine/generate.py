@@ -47,7 +47,7 @@ def start_generation(model: CausalLM, prompt_ids: list[int], params: SamplingPar
     ensure_cache(model, n + max_new)
     generator = generator or make_generator(params.seed)
     eos = frozenset(() if params.ignore_eos else eos_ids)
-    history = torch.empty(n + max_new, dtype=torch.long, device=model.lm_head.weight.device)
+    history = torch.empty(n + max_new, dtype=torch.long, device=model.device)
     history[:n] = torch.tensor(prompt_ids, dtype=torch.long)
     return max_new, generator, eos, history
 

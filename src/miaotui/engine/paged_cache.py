@@ -165,12 +165,18 @@ class PagedKVCache(nn.Module):
     """One layer's K and V pools, (num_blocks * block_size, Hkv, D) each; ``step`` is set per forward."""
 
     def __init__(self, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None, scratch: Scratch | None = None):
+                 device: torch.device | str | None = None, scratch: Scratch | None = None,
+                 compute_dtype: torch.dtype | None = None):
         super().__init__()
         shape = (num_blocks * block_size, n_kv_heads, head_dim)
         # zeros, not empty: padded slots are masked, but 0 * NaN garbage would still poison probs @ V
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.quantized = dtype == torch.int8  # int8 codes + one scale per (slot, head)
+        self.compute_dtype = compute_dtype or (torch.float32 if self.quantized else dtype)
+        if self.quantized:
+            self.register_buffer("k_scale", torch.zeros(*shape[:2], 1, device=device), persistent=False)
+            self.register_buffer("v_scale", torch.zeros(*shape[:2], 1, device=device), persistent=False)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch = scratch or Scratch()
         self.step: StepBatch | None = None
@@ -181,12 +187,36 @@ class PagedKVCache(nn.Module):
         rows = g.gather_rows(hkv)
         out = self.scratch.get(name, (rows.numel(), d), pool)
         torch.index_select(pool.view(-1, d), 0, rows, out=out)
+        if self.quantized:
+            from miaotui.compress.quant.kv import dequantize_kv
+
+            scales = getattr(self, f"{name}_scale").view(-1, 1)[rows]
+            return dequantize_kv(out, scales, self.compute_dtype).view(g.size, hkv, g.padded_len, d)
         return out.view(g.size, hkv, g.padded_len, d)
 
-    def _blocks(self, pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    def _blocks(self, pool: torch.Tensor, blocks: torch.Tensor, name: str) -> torch.Tensor:
         """Gather whole blocks: (nb,) → (nb * block_size, Hkv, D)."""
         _, hkv, d = pool.shape
-        return pool.view(self.num_blocks, self.block_size, hkv, d)[blocks].flatten(0, 1)
+        out = pool.view(self.num_blocks, self.block_size, hkv, d)[blocks].flatten(0, 1)
+        if self.quantized:
+            from miaotui.compress.quant.kv import dequantize_kv
+
+            scales = getattr(self, f"{name}_scale").view(self.num_blocks, self.block_size, hkv, 1)[blocks]
+            return dequantize_kv(out, scales.flatten(0, 1), self.compute_dtype)
+        return out
+
+    def _write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k/v (N, Hkv, D) into their slots."""
+        if not self.quantized:
+            self.k.index_copy_(0, slots, k)
+            self.v.index_copy_(0, slots, v)
+            return
+        from miaotui.compress.quant.kv import quantize_kv
+
+        for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, s = quantize_kv(x)
+            codes.index_copy_(0, slots, q)
+            scales.index_copy_(0, slots, s)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
                window: int | None = None, scale: float | None = None) -> torch.Tensor:
@@ -197,8 +227,7 @@ class PagedKVCache(nn.Module):
         step = self.step
         assert step is not None and q.shape[0] == 1, "the paged cache runs a flat batch set up by the engine"
         scale = scale if scale is not None else q.shape[-1] ** -0.5
-        self.k.index_copy_(0, step.slot_mapping, k[0].transpose(0, 1))
-        self.v.index_copy_(0, step.slot_mapping, v[0].transpose(0, 1))
+        self._write(step.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))
         parts = []
         if step.decodes is not None:
             g = step.decodes
@@ -212,8 +241,8 @@ class PagedKVCache(nn.Module):
             if c.blocks is None:  # a fresh prompt: its context is exactly the new K/V
                 kc, vc = k[:, :, rows], v[:, :, rows]
             else:  # (1, Hkv, context_len, D), the chunk's own K/V included
-                kc = self._blocks(self.k, c.blocks)[:c.context_len].transpose(0, 1)[None]
-                vc = self._blocks(self.v, c.blocks)[:c.context_len].transpose(0, 1)[None]
+                kc = self._blocks(self.k, c.blocks, "k")[:c.context_len].transpose(0, 1)[None]
+                vc = self._blocks(self.v, c.blocks, "v")[:c.context_len].transpose(0, 1)[None]
             parts.append(attend(q[:, :, rows], kc, vc, c.start_pos, window, scale))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
@@ -221,9 +250,10 @@ class PagedKVCache(nn.Module):
 def kv_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype | None = None) -> int:
     """Bytes of K and V one block takes over all layers."""
     n_kv, head_dim = model.kv_shape()
-    dtype = dtype or next(model.parameters()).dtype
+    dtype = dtype or model.kv_cache_dtype or next(model.parameters()).dtype
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * len(model.attention_layers()) * block_size * n_kv * head_dim * elem
+    per_slot_head = head_dim * elem + (4 if dtype == torch.int8 else 0)  # int8 adds an fp32 scale
+    return 2 * len(model.attention_layers()) * block_size * n_kv * per_slot_head
 
 
 class PagedKVPool:
@@ -231,16 +261,17 @@ class PagedKVPool:
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype | None = None):
         n_kv, head_dim = model.kv_shape()
-        param = next(model.parameters())
-        dtype = dtype or param.dtype
+        compute = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        dtype = dtype or model.kv_cache_dtype or compute
         self.num_blocks, self.block_size = num_blocks, block_size
         scratch = Scratch()
-        self.layers = [PagedKVCache(num_blocks, block_size, n_kv, head_dim, dtype, param.device, scratch)
+        self.layers = [PagedKVCache(num_blocks, block_size, n_kv, head_dim, dtype, model.device, scratch, compute)
                        for _ in model.attention_layers()]
 
     @property
     def nbytes(self) -> int:
-        return sum(c.k.nbytes + c.v.nbytes for c in self.layers)
+        return sum(c.k.nbytes + c.v.nbytes + (c.k_scale.nbytes + c.v_scale.nbytes if c.quantized else 0)
+                   for c in self.layers)
 
     @contextmanager
     def bound(self, model: CausalLM, step: StepBatch) -> Iterator[None]:

@@ -39,8 +39,12 @@ def upcast_many_row_matmuls(model: nn.Module) -> int:
 
 
 def prepare_for_inference(model: CausalLM) -> CausalLM:
+    from miaotui.compress.quant.qlinear import prepare_quantized
+
     model.fuse()
-    on_cpu = model.lm_head.weight.device.type == "cpu"
-    if on_cpu and model.lm_head.weight.dtype == torch.bfloat16 and has_native_bf16() is False:
+    prepare_quantized(model)  # packed kernels and their measured crossovers (a no-op for a dense model)
+    head = model.lm_head
+    if model.device.type == "cpu" and isinstance(head, nn.Linear) and head.weight.dtype == torch.bfloat16 \
+            and has_native_bf16() is False:
         upcast_many_row_matmuls(model)
     return model

@@ -21,9 +21,10 @@ class LoadedModel:
     tokenizer: Any
     config: dict
     path: Path
-    format: str  # "gguf" | "hf"
+    format: str  # "gguf" | "hf" | "miaotui" (a compressed checkpoint)
     stored_types: dict[str, int] = field(default_factory=dict)  # tensor count per on-disk type
     eos_token_ids: set[int] = field(default_factory=set)
+    manifest: dict | None = None  # a compressed checkpoint's manifest.json
 
     @property
     def context_length(self) -> int:
@@ -82,6 +83,10 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", prog
     dtype = resolve_dtype(dtype)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
+    from miaotui.loading.checkpoint import is_checkpoint, load_checkpoint
+
+    if is_checkpoint(path):
+        return load_checkpoint(path, dtype, progress)
     if path.is_dir():
         from miaotui.loading.hf import load_hf_weights, read_hf_config, weight_dtypes
         from miaotui.loading.tokenizer import load_hf_tokenizer

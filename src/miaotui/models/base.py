@@ -6,6 +6,7 @@ it for a quantized / sparse / low-rank / sharded module without the model file k
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -107,11 +108,17 @@ class KVCache(nn.Module):
     """
 
     def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        self.quantized = dtype == torch.int8  # int8 codes + a scale per (position, head): compress/quant/kv.py
+        self.compute_dtype = compute_dtype or (torch.float32 if self.quantized else dtype)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        if self.quantized:
+            scale_shape = (*shape[:3], 1)
+            self.register_buffer("k_scale", torch.zeros(scale_shape, device=device), persistent=False)
+            self.register_buffer("v_scale", torch.zeros(scale_shape, device=device), persistent=False)
 
     @property
     def max_seq_len(self) -> int:
@@ -123,6 +130,8 @@ class KVCache(nn.Module):
         ``start`` an int (eager): the valid prefix [0, start+T). ``start`` a tensor (compiled decode,
         where positions are data so one graph serves every step): the whole cache, masked by ``attend``.
         """
+        if self.quantized:
+            return self._update_int8(start, k, v)
         b, t = k.shape[0], k.shape[2]
         if isinstance(start, torch.Tensor):
             pos = start + torch.arange(t, device=k.device)
@@ -133,6 +142,21 @@ class KVCache(nn.Module):
         self.k[:b, :, start:end] = k
         self.v[:b, :, start:end] = v
         return self.k[:b, :, :end], self.v[:b, :, :end]
+
+    def _update_int8(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        from miaotui.compress.quant.kv import dequantize_kv, quantize_kv
+
+        b, t = k.shape[0], k.shape[2]
+        pos = start + torch.arange(t, device=k.device) if isinstance(start, torch.Tensor) else \
+            torch.arange(start, start + t, device=k.device)
+        out = []
+        for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, s = quantize_kv(x)
+            codes[:b].index_copy_(2, pos, q)
+            scales[:b].index_copy_(2, pos, s)
+            end = codes.shape[2] if isinstance(start, torch.Tensor) else start + t
+            out.append(dequantize_kv(codes[:b, :, :end], scales[:b, :, :end], self.compute_dtype))
+        return out[0], out[1]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor,
                window: int | None = None, scale: float | None = None) -> torch.Tensor:
@@ -215,9 +239,20 @@ class CausalLM(nn.Module):
     max_seq_len: int = 0  # the model's context length
     #: tensor-parallel plan: module-name suffix → "colwise" | "rowwise" | "vocab"
     tp_plan: dict[str, str] = {}
+    #: KV cache storage dtype (None: the model's own; torch.int8: quantized, see compress/quant/kv.py)
+    kv_cache_dtype: torch.dtype | None = None
 
     def attention_layers(self) -> list[nn.Module]:
         raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives (read from its tensors: a quantized head has no ``.weight``)."""
+        return next(itertools.chain(self.parameters(), self.buffers())).device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.out_features
 
     @staticmethod
     def logit_positions(x: torch.Tensor, last_only: bool, logit_rows: torch.Tensor | None) -> torch.Tensor:
@@ -232,11 +267,11 @@ class CausalLM(nn.Module):
 
     def setup_cache(self, batch: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> None:
         max_seq_len = min(max_seq_len or self.max_seq_len, self.max_seq_len)
-        dtype = dtype or next(self.parameters()).dtype
-        device = next(self.parameters()).device
+        compute = next(p.dtype for p in self.parameters() if p.is_floating_point())
+        dtype = dtype or self.kv_cache_dtype or compute
         n_kv, head_dim = self.kv_shape()
         for layer in self.attention_layers():
-            layer.kv_cache = KVCache(batch, n_kv, max_seq_len, head_dim, dtype, device)
+            layer.kv_cache = KVCache(batch, n_kv, max_seq_len, head_dim, dtype, self.device, compute)
 
     def clear_cache(self) -> None:
         for layer in self.attention_layers():

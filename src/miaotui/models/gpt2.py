@@ -146,7 +146,8 @@ class GPT2LMHeadModel(CausalLM):
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
+            if type(self.lm_head) is nn.Linear:  # a quantized head (compress) carries its own tie
+                self.lm_head.weight = self.transformer.wte.weight
 
     def attention_layers(self) -> list[Attention]:
         return [blk.attn for blk in self.transformer.h]

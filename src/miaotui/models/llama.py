@@ -170,20 +170,22 @@ class LlamaForCausalLM(CausalLM):
     def init_buffers(self) -> None:
         a = self.args
         cos, sin = rope_tables(a.head_dim, a.rope, a.max_position_embeddings)
-        device = self.lm_head.weight.device  # meta while the skeleton is built, real after loading
+        device = self.model.norm.weight.device  # meta while the skeleton is built, real after loading
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def tie_weights(self) -> None:
-        if self.args.tie_word_embeddings:
+        # a quantized head (compress) carries its own tie to the embedding
+        if self.args.tie_word_embeddings and type(self.lm_head) is nn.Linear:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def fuse(self) -> None:
-        for blk in self.model.layers:
-            if all(type(m) is nn.Linear for m in (blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj)):
-                blk.self_attn.fuse()
-            if type(blk.mlp.gate_proj) is nn.Linear and type(blk.mlp.up_proj) is nn.Linear:
-                blk.mlp.fuse()
+        for blk in self.model.layers:  # idempotent: a fused (or loaded-fused) block is left as it is
+            attn, mlp = blk.self_attn, blk.mlp
+            if attn.qkv_proj is None and all(type(m) is nn.Linear for m in (attn.q_proj, attn.k_proj, attn.v_proj)):
+                attn.fuse()
+            if mlp.gate_up_proj is None and type(mlp.gate_proj) is nn.Linear and type(mlp.up_proj) is nn.Linear:
+                mlp.fuse()
 
     def attention_layers(self) -> list[Attention]:
         return [blk.self_attn for blk in self.model.layers]

@@ -1,0 +1,1 @@
+"""Quantization: algorithms (rtn, gptq, awq, smoothquant) produce ``QuantizedWeight``; ``qlinear`` runs them."""

@@ -1,0 +1,213 @@
+"""Packed quantized linears that drop in for ``nn.Linear``; the model never knows which it holds.
+
+- ``Int8Linear``: weight-only int8, per output channel, symmetric.
+- ``Int4Linear``: weight-only int4, group-wise, asymmetric (symmetric codes are stored with zero = 8).
+- ``W8A8Linear``: int8 weights and int8 activations quantized per token at run time (SmoothQuant target).
+
+Buffers named here are the checkpoint format (portable, kernel-independent). ``prepare()`` builds what the
+fastest kernel for this machine wants (see ``kernels.py``) and decides, per shape, up to how many rows the
+packed kernel beats dequantize-then-matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miaotui.compress.quant import kernels
+from miaotui.compress.quant.pack import pack_int4, unpack_int4
+from miaotui.compress.quant.qtensor import QuantizedWeight
+
+INT4_KERNEL_GROUPS = (256, 128, 64, 32)
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+class QuantLinear(nn.Module):
+    kind = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.packed_rows = 0  # inputs with at most this many rows take the packed kernel
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Build kernel-specific buffers and measure the kernel crossover (call after loading weights)."""
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, " \
+               f"packed_rows<={self.packed_rows}"
+
+
+class Int8Linear(QuantLinear):
+    kind = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+        self.register_buffer("scale_bf16", torch.ones(out_features, dtype=torch.bfloat16), persistent=False)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "Int8Linear":
+        if qw.bits != 8 or not qw.symmetric or qw.group_size != qw.shape[1]:
+            raise ValueError("Int8Linear takes symmetric per-channel 8-bit weights")
+        m = cls(qw.shape[1], qw.shape[0], bias is not None)
+        m.qweight.copy_(qw.q.to(torch.int8))
+        m.scale.copy_(qw.scale[:, 0])
+        if bias is not None:
+            m.bias.data.copy_(bias.float())
+        return m
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.qweight.to(dtype) * self.scale.to(dtype).unsqueeze(1)
+
+    def prepare(self) -> None:
+        self.scale_bf16 = self.scale.to(torch.bfloat16)
+        if kernels.int8pack_supported() and self.qweight.device.type == "cpu":
+            key = ("int8", self.out_features, self.in_features)
+            self.packed_rows = kernels.packed_rows_limit(key, self._packed, self._dense, self.in_features)
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        # the kernel is only fast with bf16 activations on CPU; scales ride along in bf16
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                               self.qweight, self.scale_bf16)
+        return self._add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._packed(x) if _rows(x) <= self.packed_rows else self._dense(x)
+
+
+class Int4Linear(QuantLinear):
+    kind = "int4"
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
+        if in_features % group_size or in_features % 2:
+            raise ValueError(f"group size {group_size} must divide in_features {in_features} (even)")
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, groups))
+        self.register_buffer("zero", torch.full((out_features, groups), 8.0))
+        self.kernel_group = 0
+        self.register_buffer("kernel_weight", None, persistent=False)
+        self.register_buffer("kernel_scale_zero", None, persistent=False)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "Int4Linear":
+        if qw.bits != 4:
+            raise ValueError("Int4Linear takes 4-bit weights")
+        m = cls(qw.shape[1], qw.shape[0], qw.group_size, bias is not None)
+        q, zero = (qw.q + 8, torch.full_like(qw.scale, 8.0)) if qw.symmetric else (qw.q, qw.zero)
+        m.qweight.copy_(pack_int4(q))
+        m.scale.copy_(qw.scale)
+        m.zero.copy_(zero)
+        if bias is not None:
+            m.bias.data.copy_(bias.float())
+        return m
+
+    def codes(self) -> torch.Tensor:
+        return unpack_int4(self.qweight)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = self.codes().view(self.out_features, -1, self.group_size).to(dtype)
+        w = (q - self.zero.to(dtype).unsqueeze(-1)) * self.scale.to(dtype).unsqueeze(-1)
+        return w.view(self.out_features, self.in_features)
+
+    def prepare(self) -> None:
+        # the CPU kernel wants N % 16 == 0 and a group of 32..256; a larger group (per-channel) is the same
+        # math with its scale repeated over smaller kernel groups
+        self.kernel_weight = self.kernel_scale_zero = None
+        self.packed_rows = 0
+        if not (kernels.int4pack_supported() and self.qweight.device.type == "cpu" and self.out_features % 16 == 0):
+            return
+        group = next((g for g in INT4_KERNEL_GROUPS if g <= self.group_size and self.group_size % g == 0
+                      and self.in_features % g == 0), 0)
+        if not group:
+            return
+        reps = self.group_size // group
+        scale = self.scale.repeat_interleave(reps, dim=1)
+        zero_fp = (8.0 - self.zero.repeat_interleave(reps, dim=1)) * scale  # kernel: (q - 8) * s + z_fp
+        self.kernel_group = group
+        self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
+        self.kernel_scale_zero = torch.stack([scale.t(), zero_fp.t()], dim=-1).contiguous().to(torch.bfloat16)
+        key = ("int4", self.out_features, self.in_features, group)
+        self.packed_rows = kernels.packed_rows_limit(key, self._packed, self._dense, self.in_features)
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                                       self.kernel_weight, self.kernel_group,
+                                                       self.kernel_scale_zero)
+        return self._add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._packed(x) if _rows(x) <= self.packed_rows else self._dense(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group={self.group_size}"
+
+
+class W8A8Linear(QuantLinear):
+    """y = (round(x / s_x) @ Wq^T) * s_x * s_w with s_x = max|x| / 127 per token (dynamic)."""
+
+    kind = "w8a8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+        self.use_int_mm = False
+
+    from_quantized = classmethod(Int8Linear.from_quantized.__func__)
+    dequantize = Int8Linear.dequantize
+
+    def prepare(self) -> None:
+        # torch._int_mm only pays off with VNNI/AMX int8 dot products; otherwise the same integer math runs
+        # in fp32 (exact while a dot product stays below 2^24, within fp32 rounding beyond)
+        key = ("w8a8", self.out_features, self.in_features)
+        self.use_int_mm = self.qweight.device.type == "cpu" and kernels.faster_at(
+            key, lambda x: self._int_forward(x, True), lambda x: self._int_forward(x, False),
+            self.in_features, rows=64)
+
+    @staticmethod
+    def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8).float() / 127.0
+        return torch.round(x.float() / scale).clamp(-127, 127), scale
+
+    def _int_forward(self, x: torch.Tensor, int_mm: bool) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        xq, sx = self.quantize_activations(x2)
+        if int_mm:
+            acc = torch._int_mm(xq.to(torch.int8), self.qweight.t()).float()
+        else:
+            acc = F.linear(xq, self.qweight.float())
+        y = acc * sx * self.scale
+        return self._add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._int_forward(x, self.use_int_mm)
+
+
+def prepare_quantized(model: nn.Module) -> int:
+    """Call ``prepare()`` on every quantized linear; returns how many there are."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.prepare()
+            n += 1
+    return n

@@ -1,0 +1,22 @@
+"""Round-to-nearest for a whole model: every decoder linear on its own min/max grid, no calibration."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from miaotui.compress.layerwise import layer_stack
+from miaotui.compress.quant.qtensor import QuantizedWeight, quantize_rtn
+
+
+def quantize_model_rtn(model: nn.Module, bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
+                       progress: bool = False) -> dict[str, QuantizedWeight]:
+    """``{qualified name: QuantizedWeight}`` for every plain Linear inside the decoder layers (the embedding
+    and the output head stay float). int8 per-channel symmetric: ``bits=8, group_size=None, symmetric=True``."""
+    from tqdm import tqdm
+
+    stack = layer_stack(model)
+    out = {}
+    for i in tqdm(range(len(stack.layers)), desc="rtn", unit="layer", disable=not progress):
+        for name, lin in stack.linears(stack.layers[i]).items():
+            out[f"{stack.prefix}.{i}.{name}"] = quantize_rtn(lin.weight, bits, group_size, symmetric)
+    return out

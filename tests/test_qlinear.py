@@ -1,0 +1,108 @@
+"""Packed quantized linears: each equals its dequantized reference matmul; packing round-trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from miaotui.compress.quant.pack import pack_int4, unpack_int4
+from miaotui.compress.quant.qlinear import Int4Linear, Int8Linear, W8A8Linear
+from miaotui.compress.quant.qtensor import QuantizedWeight, check_group, quantize_rtn
+
+
+def test_int4_pack_roundtrip():
+    q = torch.randint(0, 16, (48, 96))
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (48, 48)
+    assert torch.equal(unpack_int4(packed).long(), q)
+    with pytest.raises(ValueError):
+        pack_int4(torch.full((2, 4), 16))
+
+
+def test_check_group_falls_back_to_a_divisor():
+    assert check_group(576, 128) == 96  # SmolLM2's hidden size: the largest multiple of 32 dividing it
+    assert check_group(1536, 128) == 128
+    assert check_group(100, 64) == 50  # no multiple of 32 divides: the largest divisor
+    assert check_group(576, None) == 576 and check_group(576, -1) == 576
+
+
+@pytest.mark.parametrize("bits,group,sym", [(8, None, True), (4, 32, False), (4, None, False), (4, 32, True)])
+def test_rtn_error_within_half_a_step(bits, group, sym):
+    w = torch.randn(32, 128)
+    qw = quantize_rtn(w, bits, group, sym)
+    step = qw.scale.repeat_interleave(qw.group_size, dim=1)
+    assert ((qw.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.double(), w.double(), None if bias is None else bias.double())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_matches_dequantized(rows, bias):
+    torch.manual_seed(rows)
+    w, b = torch.randn(64, 96), torch.randn(64) if bias else None
+    m = Int8Linear.from_quantized(quantize_rtn(w, 8, None, True), b)
+    m.prepare()
+    x = torch.randn(rows, 96)
+    y = m(x)
+    if rows <= m.packed_rows:  # the packed kernel multiplies bf16 activations by bf16 scales
+        ref = _reference(x.bfloat16().float(), m.qweight.float() * m.scale_bf16.float()[:, None], b)
+        tol = 2e-2
+    else:
+        ref, tol = _reference(x, m.dequantize(), b), 1e-4
+    torch.testing.assert_close(y.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(m._dense(x).double(), _reference(x, m.dequantize(), b), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 2, 48])
+def test_int4_linear_matches_dequantized(group, rows):
+    torch.manual_seed(group + rows)
+    w = torch.randn(48, 128)
+    qw = quantize_rtn(w, 4, group, symmetric=False)
+    m = Int4Linear.from_quantized(qw, None)
+    torch.testing.assert_close(m.dequantize(), qw.dequantize())  # packing loses nothing
+    m.prepare()
+    x = torch.randn(rows, 128)
+    ref = _reference(x, qw.dequantize(), None)
+    if m.kernel_weight is not None:  # the packed kernel itself, whatever the measured crossover
+        # bf16 activations, scales and zero points: compare within their rounding
+        torch.testing.assert_close(m._packed(x).double(), ref, atol=0.05 * ref.abs().max().item(), rtol=0.02)
+    torch.testing.assert_close(m._dense(x).double(), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m(x).double(), ref, atol=0.05 * ref.abs().max().item(), rtol=0.02)
+
+
+def test_int4_symmetric_codes_are_shifted():
+    w = torch.randn(16, 64)
+    qw = quantize_rtn(w, 4, 32, symmetric=True)
+    m = Int4Linear.from_quantized(qw)
+    torch.testing.assert_close(m.dequantize(), qw.dequantize())
+
+
+@pytest.mark.parametrize("rows", [1, 70])
+def test_w8a8_equals_integer_math(rows):
+    torch.manual_seed(rows)
+    w, b = torch.randn(32, 64), torch.randn(32)
+    m = W8A8Linear.from_quantized(quantize_rtn(w, 8, None, True), b)
+    m.prepare()
+    x = torch.randn(rows, 64) * 3
+    sx = x.double().abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(x.double() / sx).clamp(-127, 127)
+    ref = (xq @ m.qweight.double().t()) * sx * m.scale.double() + b.double()
+    torch.testing.assert_close(m(x).double(), ref, atol=1e-4, rtol=1e-4)
+    for int_mm in (False, True):  # both implementations, whichever was measured faster
+        try:
+            y = m._int_forward(x, int_mm)
+        except RuntimeError:
+            continue  # this PyTorch build has no CPU _int_mm
+        torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_from_quantized_rejects_the_wrong_format():
+    with pytest.raises(ValueError):
+        Int8Linear.from_quantized(quantize_rtn(torch.randn(8, 64), 4, 32, False))
+    with pytest.raises(ValueError):
+        Int4Linear.from_quantized(QuantizedWeight(torch.zeros(8, 64, dtype=torch.int16), torch.ones(8, 1), None, 8, 64))
