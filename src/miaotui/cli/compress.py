@@ -104,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
 
         prepare_quantized(loaded.model)  # evaluate the kernels that will run
         report = evaluate(loaded, windows, reference=reference, progress=progress, name=recipe["name"])
+        from miaotui.eval.data import default_data_path
+
+        report.data, report.reference = Path(args.data or default_data_path()).name, "source (fp32)"
         quality = report.to_dict()
         update_quality(out, quality)
     del loaded, reference
