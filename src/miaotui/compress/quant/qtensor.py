@@ -4,7 +4,8 @@ Codes are stored unpacked (one integer per weight, ``[out, in]``) so every algor
 the same thing; ``qlinear`` packs them for its kernel. Groups run along the input dimension; a group size
 equal to ``in_features`` means per output channel.
 
-    w ≈ (q - zero) * scale         asymmetric (zero is an integer in code units, per group)
+    w ≈ (q - zero) * scale         asymmetric (zero in code units, per group: a float, so q = 0 is the
+                                   group's minimum exactly, as in GGUF's Q4_1 "d * q + min")
     w ≈ q * scale                  symmetric  (zero is None; q is signed)
 """
 
@@ -19,7 +20,7 @@ import torch
 class QuantizedWeight:
     q: torch.Tensor            # int16 codes [out, in]: [0, 2^bits - 1] (asymmetric) or [-2^(b-1)+1, 2^(b-1)-1]
     scale: torch.Tensor        # float32 [out, in // group_size]
-    zero: torch.Tensor | None  # float32 [out, in // group_size] (integer valued), None when symmetric
+    zero: torch.Tensor | None  # float32 [out, in // group_size], None when symmetric
     bits: int
     group_size: int
 
@@ -66,20 +67,20 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Ten
     if symmetric:
         scale = w.abs().amax(-1).clamp(min=1e-8) / qmax
         return scale, None
-    lo = w.amin(-1).clamp(max=0)
-    hi = w.amax(-1).clamp(min=0)
+    # min/max grid with a float zero point: the codes span exactly [min, max] (an integer zero point, or
+    # forcing 0 into the range, wastes levels: measured +25% perplexity at group 32 on SmolLM2's Q4_1 weights)
+    lo, hi = w.amin(-1), w.amax(-1)
     scale = ((hi - lo) / qmax).clamp(min=1e-8)
-    zero = torch.round(-lo / scale).clamp(qmin, qmax)
-    return scale, zero
+    return scale, -lo / scale
 
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
     """Round ``w`` ([..., g]) onto a given grid (scale/zero broadcast over the last dim): integer codes."""
     qmin, qmax = qrange(bits, zero is None)
-    q = torch.round(w.float() / scale.unsqueeze(-1))
+    q = w.float() / scale.unsqueeze(-1)
     if zero is not None:
         q = q + zero.unsqueeze(-1)
-    return q.clamp(qmin, qmax)
+    return torch.round(q).clamp(qmin, qmax)
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False
