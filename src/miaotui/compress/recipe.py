@@ -65,7 +65,7 @@ class Context:
 
 
 QUANT_PARAMS = {
-    "rtn": {"bits", "group_size", "symmetric"},
+    "rtn": {"bits", "group_size", "symmetric", "float_zero"},
     "gptq": {"bits", "group_size", "symmetric", "act_order", "percdamp", "block_size"},
     "awq": {"bits", "group_size", "symmetric", "n_grid", "clip", "duo_scaling", "scale_v_o"},
     "smoothquant": {"alpha"},

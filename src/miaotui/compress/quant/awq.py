@@ -74,8 +74,8 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int 
     if symmetric:
         hi = wg.abs().amax(-1, keepdim=True)
         lo = -hi
-    else:  # shrink towards 0; a bound on the same side as the whole group clips nothing
-        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    else:  # the grid always contains 0 (see group_params)
+        lo, hi = wg.amin(-1, keepdim=True).clamp(max=0), wg.amax(-1, keepdim=True).clamp(min=0)
     best_err = torch.full((out_f, ng), float("inf"))
     best_w = wg.clone()
     for i in range(int(max_shrink * n_grid) + 1):

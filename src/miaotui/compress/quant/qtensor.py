@@ -4,8 +4,9 @@ Codes are stored unpacked (one integer per weight, ``[out, in]``) so every algor
 the same thing; ``qlinear`` packs them for its kernel. Groups run along the input dimension; a group size
 equal to ``in_features`` means per output channel.
 
-    w ≈ (q - zero) * scale         asymmetric (zero in code units, per group: a float, so q = 0 is the
-                                   group's minimum exactly, as in GGUF's Q4_1 "d * q + min")
+    w ≈ (q - zero) * scale         asymmetric (zero in code units per group: an integer code, so 0 is
+                                   exact; or, with ``float_zero``, a float, so q = 0 is exactly the group's
+                                   minimum, as in GGUF's Q4_1 "d * q + min")
     w ≈ q * scale                  symmetric  (zero is None; q is signed)
 """
 
@@ -60,18 +61,26 @@ def check_group(in_features: int, group_size: int | None) -> int:
     return next((g for g in divisors if g % 32 == 0), divisors[0])
 
 
-def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (and zero) for rows of ``w`` ([..., g]) from their min/max: the grid RTN and GPTQ both use."""
+def group_params(w: torch.Tensor, bits: int, symmetric: bool, float_zero: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero) for rows of ``w`` ([..., g]) from their min/max: the grid RTN and GPTQ both use.
+
+    Default: 0 in every group's range and an integer zero point (0 stays exact). ``float_zero``: codes span
+    exactly [min, max] with a float zero point. Measured on SmolLM2 (docs/BENCHMARKS.md): float_zero re-finds
+    its Q4_1 weights losslessly at group 32, but at group 96/128 it has lower weight MSE yet worse
+    perplexity and KLD than the integer grid, so it is an option, not the default."""
     w = w.float()
     qmin, qmax = qrange(bits, symmetric)
     if symmetric:
         scale = w.abs().amax(-1).clamp(min=1e-8) / qmax
         return scale, None
-    # min/max grid with a float zero point: the codes span exactly [min, max] (an integer zero point, or
-    # forcing 0 into the range, wastes levels: measured +25% perplexity at group 32 on SmolLM2's Q4_1 weights)
-    lo, hi = w.amin(-1), w.amax(-1)
+    if float_zero:
+        lo, hi = w.amin(-1), w.amax(-1)
+        scale = ((hi - lo) / qmax).clamp(min=1e-8)
+        return scale, -lo / scale
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
     scale = ((hi - lo) / qmax).clamp(min=1e-8)
-    return scale, -lo / scale
+    return scale, torch.round(-lo / scale).clamp(qmin, qmax)
 
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -83,12 +92,12 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     return torch.round(q).clamp(qmin, qmax)
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False
-                 ) -> QuantizedWeight:
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
+                 float_zero: bool = False) -> QuantizedWeight:
     """Round-to-nearest on a min/max grid per group: the baseline every other method must beat."""
     out, inp = w.shape
     g = check_group(inp, group_size)
     wg = w.detach().float().reshape(out, inp // g, g)
-    scale, zero = group_params(wg, bits, symmetric)
+    scale, zero = group_params(wg, bits, symmetric, float_zero)
     q = quantize_with(wg, scale, zero, bits).reshape(out, inp).to(torch.int16)
     return QuantizedWeight(q=q, scale=scale, zero=zero, bits=bits, group_size=g)

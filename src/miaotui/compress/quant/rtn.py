@@ -9,14 +9,15 @@ from miaotui.compress.quant.qtensor import QuantizedWeight, quantize_rtn
 
 
 def quantize_model_rtn(model: nn.Module, bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
-                       progress: bool = False) -> dict[str, QuantizedWeight]:
+                       float_zero: bool = False, progress: bool = False) -> dict[str, QuantizedWeight]:
     """``{qualified name: QuantizedWeight}`` for every plain Linear inside the decoder layers (the embedding
-    and the output head stay float). int8 per-channel symmetric: ``bits=8, group_size=None, symmetric=True``."""
+    and the output head stay float). int8 per-channel symmetric: ``bits=8, group_size=None, symmetric=True``.
+    ``float_zero``: the [min, max] grid with a float zero point (see ``qtensor.group_params``)."""
     from tqdm import tqdm
 
     stack = layer_stack(model)
     out = {}
     for i in tqdm(range(len(stack.layers)), desc="rtn", unit="layer", disable=not progress):
         for name, lin in stack.linears(stack.layers[i]).items():
-            out[f"{stack.prefix}.{i}.{name}"] = quantize_rtn(lin.weight, bits, group_size, symmetric)
+            out[f"{stack.prefix}.{i}.{name}"] = quantize_rtn(lin.weight, bits, group_size, symmetric, float_zero)
     return out
