@@ -2,7 +2,8 @@
 
 Built-in recipes: int8 (weight-only, per channel), int4-rtn, int4-gptq, int4-awq (int4, group 128,
 asymmetric; a group that does not divide a layer's width becomes the largest divisor below it),
-w8a8-smoothquant. Each also stores the output head in int8. Or pass a YAML file:
+w8a8-smoothquant, int4-g32 (RTN, group 32, float zero point: lossless on weights that came from a GGUF
+Q4_1 file, like the embedded default model's). Each also stores the output head in int8. Or a YAML file:
 
   name: my-int4
   steps:

@@ -30,6 +30,8 @@ BUILTIN: dict[str, list[dict[str, Any]]] = {
                                 "percdamp": 0.1}}],
     "int4-awq": [{"quantize": {"method": "awq", "bits": 4, "group_size": 128}}],
     "w8a8-smoothquant": [{"quantize": {"method": "smoothquant", "alpha": 0.5}}],
+    # group 32 with a float zero point: re-finds GGUF Q4_1 weights exactly (the embedded default model)
+    "int4-g32": [{"quantize": {"method": "rtn", "bits": 4, "group_size": 32, "float_zero": True}}],
 }
 
 
