@@ -46,7 +46,7 @@ def fake_quantized(folder, loaded_q):
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa-untied", "llama-mha-tied", "qwen2-bias", "gpt2"])
-@pytest.mark.parametrize("recipe", ["int8", "int4-rtn"])
+@pytest.mark.parametrize("recipe", ["int8", "int4-rtn", "int4-g32"])
 def test_save_load_identical_and_equal_to_fake_quant(hf_folder, tmp_path, arch, recipe):
     folder, _ = hf_folder(arch)
     q = compress(folder, recipe, tmp_path / "ckpt")
