@@ -222,20 +222,25 @@ def test_two_nodes_on_loopback_generate_like_one_process(hf_folder):
     path = str(hf_folder("llama-gqa-untied")[0])
     argv = ["--temperature", "0", "-n", "8", "--ignore-eos", "--json", "Hello world"]
     expected = LLM(path).generate("Hello world", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)).text
-    endpoint = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-         "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "miaotui-test",
-         "--rdzv-conf", f"is_host={int(node == 0)}", "--local-addr", "127.0.0.1",
-         "-m", "miaotui", "generate", "-m", path, *argv],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for node in range(2)]
-    try:
-        outs = [p.communicate(timeout=180) for p in procs]
-    finally:  # a hung rendezvous must not outlive the test
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    for attempt in range(2):  # a rendezvous can hang on a port taken between picking and binding it: retry once
+        endpoint, rdzv_id = f"127.0.0.1:{_free_port()}", f"miaotui-test-{os.getpid()}-{attempt}"
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id,
+             "--rdzv-conf", f"is_host={int(node == 0)}", "--local-addr", "127.0.0.1",
+             "-m", "miaotui", "generate", "-m", path, *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for node in range(2)]
+        try:
+            outs = [p.communicate(timeout=150) for p in procs]
+            break
+        except subprocess.TimeoutExpired:
+            if attempt:
+                raise
+        finally:  # a hung rendezvous must not outlive the test
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     records = [json.loads(line) for out, _ in outs for line in out.splitlines() if line.startswith("{")]
