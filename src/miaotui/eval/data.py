@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from miaotui.errors import MiaotuiError
+from miaotui.loading.checkpoint import file_sha256
 
 
 class EvalDataError(MiaotuiError):
@@ -23,14 +23,6 @@ def default_data_path() -> Path:
         raise EvalDataError("no --data given and the WikiText excerpt (shared/data) was not found; "
                             "pass --data FILE or set MIAOTUI_DATA_DIR")
     return path
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_text(path: str | Path) -> str:

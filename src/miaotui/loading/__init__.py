@@ -39,6 +39,19 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Every expected tensor present, nothing unexplained, every shape equal: one clear error otherwise."""
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing:
+        raise ModelLoadError(f"weights missing for {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        raise ModelLoadError(f"{len(unexpected)} unexpected weight(s), e.g. {', '.join(unexpected[:3])}")
+    for name, t in sd.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise ModelLoadError(f"{name}: shape {tuple(t.shape)} does not match the config's {tuple(expected[name].shape)}")
+
+
 def build_model(cfg: dict, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> CausalLM:
     """Instantiate the architecture on the meta device and assign the weights (no double allocation)."""
     cls = model_class(cfg.get("model_type"))
@@ -51,15 +64,7 @@ def build_model(cfg: dict, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> C
     if tied:
         sd.pop("lm_head.weight", None)  # like transformers, a tied head ignores any stored copy
         expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing:
-        raise ModelLoadError(f"weights missing for {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
-    if unexpected:
-        raise ModelLoadError(f"{len(unexpected)} unexpected weight(s), e.g. {', '.join(unexpected[:3])}")
-    for name, t in sd.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise ModelLoadError(f"{name}: shape {tuple(t.shape)} does not match the config's {tuple(expected[name].shape)}")
+    check_state_dict(sd, expected)
     model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
     model.init_buffers()

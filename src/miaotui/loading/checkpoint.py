@@ -29,7 +29,7 @@ def is_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from miaotui.errors import MiaotuiError, ModelLoadError
-from miaotui.loading import resolve_dtype
+from miaotui.loading import check_state_dict, resolve_dtype
 from miaotui.loading.hf import load_hf_weights, read_hf_config
 from miaotui.loading.tokenizer import load_hf_tokenizer
 from miaotui.models.bert import ENCODER_TYPES, POOLING_MODES, BertEncoder
@@ -111,15 +111,7 @@ def build_encoder(cfg: dict, sd: dict[str, torch.Tensor], dtype: torch.dtype) ->
     if model.mlm is not None and model.args.tie_word_embeddings:
         sd.pop("mlm.decoder.weight", None)  # tied: the word embeddings are the decoder
         expected.pop("mlm.decoder.weight")
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing:
-        raise ModelLoadError(f"weights missing for {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
-    if unexpected:
-        raise ModelLoadError(f"{len(unexpected)} unexpected weight(s), e.g. {', '.join(unexpected[:3])}")
-    for name, t in sd.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise ModelLoadError(f"{name}: shape {tuple(t.shape)} does not match the config's "
-                                 f"{tuple(expected[name].shape)}")
+    check_state_dict(sd, expected)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
