@@ -89,9 +89,8 @@ def run(args: argparse.Namespace) -> int:
     log(f"recipe {recipe['name']}: {json.dumps(recipe['steps'])}")
     records = run_recipe(ctx, recipe)
     recipe_record = {**recipe, "records": records}
-    save_checkpoint(out, loaded.model, loaded.tokenizer, loaded.config, ctx.modules, recipe_record,
-                    source_identity(loaded.path))
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = save_checkpoint(out, loaded.model, loaded.tokenizer, loaded.config, ctx.modules, recipe_record,
+                               source_identity(loaded.path))
     log(f"wrote {out} ({manifest['weights']['bytes'] / 1e6:.1f} MB of weights)")
     if args.export == "hf":
         from miaotui.loading.export import export_hf
@@ -121,14 +120,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, out: Path) -> dict:
-    import importlib.util
-
     from miaotui.cli.bench import collect
     from miaotui.defaults import default_model_path
 
     source = args.model or str(default_model_path())
     engines = [f"miaotui:fp32@{source}", f"miaotui:fp32@{out}"]
-    if source.endswith(".gguf") and importlib.util.find_spec("llama_cpp") is not None:
+    if source.endswith(".gguf"):  # collect() skips it, with the reason, when llama-cpp-python is absent
         engines.append("llama.cpp")
     bench_args = argparse.Namespace(model=source, engines=",".join(engines), threads=args.threads or os.cpu_count(),
                                     compile=args.compile, prefill="512", decode_tokens=128, repeats=3,

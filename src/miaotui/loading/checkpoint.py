@@ -59,8 +59,9 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, tokenizer, config: dict, modules: dict[str, dict],
-                    recipe: dict, source: dict, quality: dict | None = None) -> Path:
-    """Write the folder; ``modules`` maps quantized module names to their specs (``swap.module_spec``)."""
+                    recipe: dict, source: dict, quality: dict | None = None) -> dict:
+    """Write the folder; ``modules`` maps quantized module names to their specs (``swap.module_spec``).
+    Returns the manifest written."""
     from safetensors.torch import save_file
 
     from miaotui import __version__
@@ -84,7 +85,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, tokenizer, con
         "quality": quality,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return out
+    return manifest
 
 
 def read_manifest(path: Path) -> dict:
