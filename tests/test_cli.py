@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 
 from miaotui.cli.main import main
 
@@ -187,3 +188,48 @@ def test_generate_compile_flag_same_text_and_reports_compile_time(hf_folder, cap
     compiled = json.loads(run_cli(capsys, *args, "--compile")[1].splitlines()[-1])
     assert compiled["text"] == plain["text"]
     assert compiled["compile_s"] > 0 and plain["compile_s"] == 0
+
+
+@pytest.mark.parametrize("spec", ["ngram", "draft"])
+def test_generate_speculative_same_greedy_text(hf_folder, capsys, spec):
+    """--speculative (prompt lookup, or a draft model sharing the tokenizer) leaves greedy text unchanged."""
+    path, _ = hf_folder("llama-gqa-untied")
+    draft = hf_folder("llama-mha-tied")[0] if spec == "draft" else "ngram"
+    prompt = "Hello world, hello there! Hello world, hello"
+    base = ("generate", prompt, "-m", str(path), "-t", "0", "-n", "24", "--ignore-eos", "--json")
+    plain = json.loads(run_cli(capsys, *base)[1].splitlines()[-1])
+    fast = json.loads(run_cli(capsys, *base, "--speculative", str(draft), "--num-speculative", "3")[1]
+                      .splitlines()[-1])
+    assert fast["text"] == plain["text"] and fast["completion_tokens"] == 24
+    assert fast["speculative"]["target_forwards"] <= 24 and fast["speculative"]["proposed"] > 0
+
+
+def test_speculative_draft_with_other_tokenizer_is_refused(hf_folder, tmp_path):
+    from transformers import AutoTokenizer
+
+    from miaotui import LLM
+    from miaotui.errors import MiaotuiError
+
+    path, _ = hf_folder("llama-gqa-untied")
+    other = tmp_path / "other"
+    shutil.copytree(path, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra-token>"])
+    tok.save_pretrained(other)
+    with pytest.raises(MiaotuiError, match="different tokenizer"):
+        LLM(str(path), speculative=str(other))
+
+
+def test_device_choice_is_checked():
+    import torch
+
+    from miaotui.device import resolve_device
+    from miaotui.errors import MiaotuiError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(MiaotuiError, match="unknown device"):
+        resolve_device("tpu:banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(MiaotuiError, match="no CUDA GPU"):
+            resolve_device("cuda")

@@ -43,19 +43,47 @@ class LLM:
     """
 
     def __init__(self, model: str | LoadedModel | None = None, dtype: str = "fp32", progress: bool = False,
-                 compile: bool = False, kv_cache_dtype: str = "auto"):
-        """``compile``: compile the decode step with torch.compile (faster per token; the first run pays a
+                 compile: bool = False, kv_cache_dtype: str = "auto", device: str = "auto",
+                 speculative: str | LoadedModel | None = None, num_speculative: int = 5):
+        """``speculative``: decode single streams speculatively (``stream``/``generate`` of one prompt):
+        "ngram" (prompt lookup: drafts copied from earlier text, no model) or a draft model (a path or a
+        ``LoadedModel`` sharing the tokenizer); ``num_speculative`` drafts per step. Same output law; the
+        greedy output is the same token for token.
+        ``device``: "auto" (the GPU when PyTorch sees one, else the CPU), "cpu", "cuda" or "cuda:N".
+        ``compile``: compile the decode step with torch.compile (faster per token; the first run pays a
         one-off compilation of a minute or more on 2 cores, later runs reuse inductor's on-disk cache).
         ``kv_cache_dtype``: "auto" (the model's dtype) or "int8" (a quarter of fp32's cache memory)."""
         from miaotui.compress.quant.kv import parse_kv_dtype
 
+        from miaotui.device import resolve_device
+
+        target = resolve_device(device)
         self.loaded = model if isinstance(model, LoadedModel) else load(model, dtype, progress)
+        if self.loaded.model.device != target:
+            self.loaded.model.to(target)
         try:
             self.loaded.model.kv_cache_dtype = parse_kv_dtype(kv_cache_dtype)
         except ValueError as e:
             raise MiaotuiError(str(e)) from None
         prepare_for_inference(self.loaded.model)  # fused projections, bf16 fallbacks: same results
         self.runner = Runner(self.loaded.model, compile=compile)
+        self.proposer = self._proposer(speculative, num_speculative, dtype, target) if speculative else None
+
+    def _proposer(self, spec: str | LoadedModel, k: int, dtype: str, device):
+        from miaotui.engine.speculative import DraftModelProposer, PromptLookupProposer
+
+        if k < 1:
+            raise MiaotuiError(f"num_speculative must be >= 1, got {k}")
+        if spec == "ngram":
+            return PromptLookupProposer(num_speculative=k)
+        draft = spec if isinstance(spec, LoadedModel) else load(spec, dtype)
+        if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise MiaotuiError(f"draft model {draft.path} has a different tokenizer from the target "
+                               f"{self.loaded.path}: speculative decoding needs the same token ids")
+        if draft.model.device != device:
+            draft.model.to(device)
+        prepare_for_inference(draft.model)
+        return DraftModelProposer(draft.model, k=k)
 
     @property
     def tokenizer(self):
@@ -69,7 +97,8 @@ class LLM:
         """Yield text deltas; ``stats`` (if given) holds token counts and timings afterwards."""
         params = params or SamplingParams()
         ids = self.encode(prompt)
-        return stream_text(self.runner, self.tokenizer, ids, params, self.loaded.eos_token_ids, stats)
+        return stream_text(self.runner, self.tokenizer, ids, params, self.loaded.eos_token_ids, stats,
+                           proposer=self.proposer)
 
     def generate(self, prompts: Prompt | list[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -14,9 +14,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "AVX512-BF16/AMX long inputs are multiplied in fp32) (default: fp32)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for PyTorch (default: PyTorch's choice, the physical cores)")
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="where to run: auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda or "
+                        "cuda:N (default: auto)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                    help="KV cache storage: auto (the model's dtype) or int8 (a scale per position and head; a "
                         "quarter of fp32's cache memory for long contexts and many sequences) (default: auto)")
+    p.add_argument("--speculative", metavar="ngram|PATH",
+                   help="speculative decoding of one stream: 'ngram' (prompt lookup: drafts copied from earlier "
+                        "text; wins when the answer repeats the input: editing, summaries, code) or a smaller "
+                        "draft model with the same tokenizer. Same output law, greedy output unchanged")
+    p.add_argument("--num-speculative", type=int, default=5, metavar="K",
+                   help="--speculative: tokens drafted per step (default: 5)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile: 1.2-1.4x faster decode measured on a 2-core "
                         "AVX2 CPU, but the first run compiles for ~2 minutes (seconds afterwards, from the on-disk "
@@ -68,4 +77,5 @@ def load_llm(args: argparse.Namespace):
             print("miaotui: note: this CPU has no AVX512-BF16/AMX: one-token decode uses emulated bf16, "
                   "prompts and batches are multiplied in fp32", file=sys.stderr)
     return LLM(args.model, dtype=args.dtype, progress=sys.stderr.isatty(), compile=args.compile,
-               kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
+               kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"), device=getattr(args, "device", "auto"),
+               speculative=getattr(args, "speculative", None), num_speculative=getattr(args, "num_speculative", 5))

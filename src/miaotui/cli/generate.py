@@ -58,10 +58,14 @@ def run(args: argparse.Namespace) -> int:
 
         record = Completion("".join(parts), stats).to_dict()
         record["compile_s"] = round(llm.runner.compile_s, 3)  # one-off, excluded from decode_tok_s
+        if "spec" in stats.extra:
+            record["speculative"] = stats.extra["spec"]
         print(json.dumps(record, ensure_ascii=False))
     else:
         print(f"[{stats.prompt_tokens} prompt + {stats.completion_tokens} new tokens, "
               f"ttft {stats.ttft_s * 1000:.0f} ms, prefill {stats.prefill_tok_s:.0f} tok/s, "
               f"decode {stats.decode_tok_s:.1f} tok/s, finish: {stats.finish_reason}"
-              + (f", compile {llm.runner.compile_s:.1f} s" if llm.runner.compiled else "") + "]", file=sys.stderr)
+              + (f", compile {llm.runner.compile_s:.1f} s" if llm.runner.compiled else "")
+              + (f", drafts accepted {spec['accepted']}/{spec['proposed']} in {spec['target_forwards']} forwards"
+                 if (spec := stats.extra.get("spec")) else "") + "]", file=sys.stderr)
     return 0

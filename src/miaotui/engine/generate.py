@@ -45,7 +45,7 @@ def start_generation(model: CausalLM, prompt_ids: list[int], params: SamplingPar
     check_prompt(n, model.max_seq_len)
     max_new = min(params.max_tokens, model.max_seq_len - n)
     ensure_cache(model, n + max_new)
-    generator = generator or make_generator(params.seed)
+    generator = generator or make_generator(params.seed, model.device)  # on the logits' device (CUDA too)
     eos = frozenset(() if params.ignore_eos else eos_ids)
     history = torch.empty(n + max_new, dtype=torch.long, device=model.device)
     history[:n] = torch.tensor(prompt_ids, dtype=torch.long)

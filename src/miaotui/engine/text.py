@@ -32,11 +32,20 @@ class TextAssembler:
 
 
 def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams, eos_ids=(),
-                stats: GenerationStats | None = None, generator=None) -> Iterator[str]:
-    """Yield text deltas as tokens arrive; a stop string ends generation and is not emitted."""
+                stats: GenerationStats | None = None, generator=None, proposer=None) -> Iterator[str]:
+    """Yield text deltas as tokens arrive; a stop string ends generation and is not emitted.
+
+    ``proposer`` (a ``speculative.Proposer``): decode speculatively with it (same output law, fewer
+    forwards of ``model``); ``model`` may then be a ``Runner``, whose eager model verifies the drafts."""
     stats = stats if stats is not None else GenerationStats()
     text_out = TextAssembler(tokenizer, prompt_ids, params.stop)
-    tokens = generate_tokens(model, prompt_ids, params, eos_ids, generator, stats)
+    if proposer is not None:
+        from miaotui.engine.speculative import speculative_generate_tokens
+
+        target = getattr(model, "model", model)  # a Runner → its model: verification is a multi-token forward
+        tokens = speculative_generate_tokens(target, prompt_ids, params, proposer, eos_ids, generator, stats)
+    else:
+        tokens = generate_tokens(model, prompt_ids, params, eos_ids, generator, stats)
     try:
         for token in tokens:
             text, stopped = text_out.add(token)

@@ -153,6 +153,10 @@ def build_checkpoint_model(cfg: dict, manifest: dict, tensors: dict[str, torch.T
     model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()  # assign replaced the shared parameter: share it again
     model.init_buffers()
+    for module in model.modules():  # kernel scratch buffers (not stored; prepare() fills them): off meta
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.is_meta:
+                module._buffers[key] = torch.zeros(buf.shape, dtype=buf.dtype)
     return model.eval().requires_grad_(False)
 
 
