@@ -30,13 +30,17 @@ DEFAULT_ENGINES = "miaotui:fp32,miaotui:bf16,hf:fp32,hf:bf16,llama.cpp"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("mode", nargs="?", choices=["engines", "serve"], default="engines",
+    p.add_argument("mode", nargs="?", choices=["engines", "serve", "speculative"], default="engines",
                    help="engines: compare engines in-process (default); serve: load a running server at --url "
-                        "(TTFT/TPOT/ITL/E2E percentiles, throughput, failures)")
+                        "(TTFT/TPOT/ITL/E2E percentiles, throughput, failures); speculative: plain greedy decode "
+                        "vs prompt lookup (and --draft) on an input-grounded task, same output required")
     p.add_argument("-m", "--model", metavar="PATH",
-                   help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+                   help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct); an encoder folder "
+                        "(BERT family) runs the encoder bench: texts/s at batch 32 and batch-1 latency on --data")
     p.add_argument("--engines", default=DEFAULT_ENGINES,
-                   help=f"comma-separated engines to compare (default: {DEFAULT_ENGINES})")
+                   help=f"comma-separated engines to compare (default: {DEFAULT_ENGINES}; for an encoder: "
+                        "miaotui:fp32,miaotui:bf16,st:fp32,st:bf16,ort:fp32,ort:int8, and miaotui:fp32@DIR for a "
+                        "compressed checkpoint)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), metavar="N",
                    help="threads for every engine (default: all cores, %(default)s here)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -54,6 +58,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="FILE", help="text to cut prompts from (default: the WikiText excerpt)")
     p.add_argument("--plot", metavar="FILE.png", help="write a bar chart of decode and prefill speed")
     p.add_argument("--json", action="store_true", help="print only the final JSON line on stdout")
+    g = p.add_argument_group("speculative mode")
+    g.add_argument("--num-speculative", type=int, default=5, metavar="K", help="tokens drafted per step (default: 5)")
+    g.add_argument("--draft", metavar="PATH", help="also measure a draft model with the same tokenizer")
+    g.add_argument("--spec-max-tokens", type=int, default=256, metavar="N",
+                   help="new tokens at most (the answer usually ends earlier, at EOS) (default: 256)")
     from miaotui.bench.serve_load import add_serve_args
 
     add_serve_args(p)
@@ -144,10 +153,18 @@ def collect(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from miaotui.loading.encoder import is_encoder_folder
+
+    if args.mode == "engines" and args.model and is_encoder_folder(Path(args.model).expanduser()):
+        from miaotui.encoder.bench import run_cli  # encoders: texts/s vs sentence-transformers and ONNX Runtime
+
+        return run_cli(args)
     if args.tp:
         from miaotui.bench.tp import run_tp
 
         return run_tp(args)
+    if args.mode == "speculative":
+        return _run_speculative(args)
     if args.mode == "serve":
         from miaotui.bench import serve_load
 
@@ -164,3 +181,18 @@ def run(args: argparse.Namespace) -> int:
         plot(results, args.plot, lengths)
     print(json.dumps(summary))
     return 0 if results else 1
+
+
+def _run_speculative(args: argparse.Namespace) -> int:
+    import torch
+
+    from miaotui.bench import speculative
+
+    torch.set_num_threads(args.threads)
+    summary = speculative.measure(args.model, args.data, args.spec_max_tokens, args.num_speculative, args.draft,
+                                  args.compile, args.repeats)
+    summary["threads"] = args.threads
+    if not args.json:
+        print(speculative.table(summary))
+    print(json.dumps(summary))
+    return 0 if all(r["same_output"] for r in summary["results"]) else 1

@@ -9,11 +9,27 @@ Q4_1 file, like the embedded default model's). Each also stores the output head 
   steps:
     - quantize: {method: gptq, bits: 4, group_size: 64, act_order: true, percdamp: 0.01}
 
+Steps a YAML recipe chains, in order (each step's quality is recorded in the manifest with --eval):
+  prune           {method: magnitude|wanda|sparsegpt, sparsity: 0.5 | pattern: "2:4", allocation: uniform|owl}
+                  (zeros in dense weights: smaller after compression, no faster on a CPU)
+  prune-heads     {heads_per_group: 1 | kv_groups: 1 | fraction: 0.33}   attention heads, GQA-aware
+  prune-channels  {fraction: 0.25 | keep: 1152, multiple_of: 32}        MLP intermediate channels
+  prune-layers    {count: 6 | fraction: 0.2 | layers: [...], method: influence|angular}
+  lowrank         {ratio: 0.5 | energy: 0.95 | rank: 64, whiten: true}  activation-aware truncated SVD
+  distill         {steps: 200, lr: 1e-4, temperature: 2.0, hidden_loss: 1.0, data: FILE}   heal vs the source
+  quantize        {method: rtn|gptq|awq|smoothquant, bits: 4|8, group_size: 128, overrides: {GLOB: {bits: 8}}}
+e.g. steps: [{prune-layers: {count: 6}}, {distill: {steps: 300}}, {quantize: {method: gptq, bits: 4}}]
+
 GPTQ, AWQ and SmoothQuant calibrate on --calib FILE, or, with none, on text the model generates itself
 from fixed seed prompts (data-free, cached in ~/.cache/miaotui/calib).
 
+An encoder folder (BERT family, e.g. all-MiniLM-L6-v2) takes the same recipes: int8 (weight-only),
+int4-rtn, w8a8-smoothquant (int8 activations per token), and YAML chains with prune-heads / prune-layers /
+distill; --eval then records embedding quality (mean / min cosine, similarity Spearman) instead.
+
 examples:
   miaotui compress --recipe int8 --output out/int8
+  miaotui compress --model path/to/all-MiniLM-L6-v2 --recipe w8a8-smoothquant --output out/minilm-w8a8 --eval
   miaotui compress --recipe int4-gptq --output out/int4 --eval --bench --plot out/int4.png
   miaotui generate --model out/int4 "The capital of France is"
 """
@@ -31,7 +47,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     from miaotui.compress.recipe import BUILTIN
 
     p.add_argument("-m", "--model", metavar="PATH",
-                   help="source: a Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+                   help="source: a Hugging Face folder or .gguf file, or an encoder folder (BERT family) "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("-r", "--recipe", default="int4-gptq", metavar="NAME|FILE",
                    help=f"a built-in recipe ({', '.join(BUILTIN)}) or a YAML recipe file (default: int4-gptq)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write the checkpoint to")
@@ -43,8 +60,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for picking/generating calibration text (default: 0)")
     g = p.add_argument_group("what to do with the result")
     g.add_argument("--eval", action="store_true",
-                   help="evaluate against the source (perplexity, KL divergence, top-1 agreement) and record "
-                        "the report in manifest.json")
+                   help="evaluate against the source (perplexity, KL divergence, top-1 agreement; encoders: "
+                        "embedding cosine and similarity Spearman on the lines of --data) and record the report "
+                        "in manifest.json")
     g.add_argument("--data", metavar="FILE", help="text for --eval (default: the WikiText excerpt)")
     g.add_argument("--ctx", type=int, default=512, help="--eval window length in tokens (default: 512)")
     g.add_argument("--windows", type=int, default=20, help="--eval windows (default: 20)")
@@ -73,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
         from miaotui.errors import MiaotuiError
 
         raise MiaotuiError(f"{out} exists and is not a miaotui checkpoint: refusing to write into it")
+    from miaotui.loading.encoder import is_encoder_folder
+
+    if args.model and is_encoder_folder(Path(args.model).expanduser()):  # BERT family: encoder/compress.py
+        from miaotui.encoder.compress import compress_encoder
+
+        return compress_encoder(args, recipe, out)
     progress = sys.stderr.isatty()
     loaded = load(args.model, "fp32", progress=progress)
     log = lambda s: print(f"[compress] {s}", file=sys.stderr, flush=True)  # noqa: E731
@@ -86,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         log(f"reference: the source on {windows.shape[0]} windows of {windows.shape[1]} tokens")
         reference = compute_reference(loaded.model, windows, progress=progress)
     ctx = Context(loaded, Calibration(args.calib, args.calib_samples, args.calib_len, args.seed), progress=True)
+    if args.eval and len(recipe["steps"]) > 1:  # a chain: record what each step cost on the way
+        ctx.step_eval = lambda lm: _step_quality(lm, windows, reference)
     log(f"recipe {recipe['name']}: {json.dumps(recipe['steps'])}")
     records = run_recipe(ctx, recipe)
     recipe_record = {**recipe, "records": records}
@@ -117,6 +143,13 @@ def run(args: argparse.Namespace) -> int:
 
     print_report(manifest, quality, bench, source_bytes, plot=args.plot, as_json=args.json)
     return 0
+
+
+def _step_quality(loaded, windows, reference) -> dict:
+    from miaotui.eval.evaluate import evaluate
+
+    r = evaluate(loaded, windows, reference=reference, progress=False).to_dict()
+    return {k: r[k] for k in ("perplexity", "kld_mean", "top1_agreement") if k in r}
 
 
 def _bench(args: argparse.Namespace, out: Path) -> dict:

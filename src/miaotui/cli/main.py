@@ -17,8 +17,10 @@ VERBS = {
     "eval": ("miaotui.cli.eval", "perplexity, KL divergence and top-1 agreement vs a reference; task accuracy"),
     "serve": ("miaotui.cli.serve", "serve a model behind an OpenAI-compatible HTTP API (FastAPI, SSE streaming)"),
     "embed": ("miaotui.cli.embed", "sentence embeddings with a BERT-family encoder (.npy or .jsonl)"),
+    "distill": ("miaotui.cli.distill", "train a smaller or compressed student to imitate its original (decoders, encoders)"),
     "fill-mask": ("miaotui.cli.fill_mask", "fill in [MASK] tokens with a masked-LM encoder"),
     "classify": ("miaotui.cli.classify", "classify texts with a sequence-classification encoder"),
+    "optimize": ("miaotui.cli.optimize", "search recipes for the fastest checkpoint within a quality budget (ppl+3%%, kld<=0.02)"),
 }
 
 

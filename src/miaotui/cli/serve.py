@@ -1,9 +1,11 @@
 """Serve a model behind an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (streaming with
 SSE), /v1/models, /health and /metrics (Prometheus). All requests share one continuous-batching engine.
+An encoder (BERT family, e.g. all-MiniLM-L6-v2) serves /v1/embeddings instead, its requests batched together.
 
 examples:
   miaotui serve                                          # the embedded default model on 127.0.0.1:8000
   miaotui serve -m path/to/model --port 8080 --api-key secret --max-num-seqs 32
+  miaotui serve -m path/to/all-MiniLM-L6-v2      # then: curl localhost:8000/v1/embeddings -d '{"input": "hi"}'
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32}'
 
@@ -20,7 +22,8 @@ import sys
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", metavar="PATH",
-                   help="a Hugging Face model folder or a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+                   help="a Hugging Face model folder or a .gguf file, or an encoder folder / compressed encoder "
+                        "checkpoint for /v1/embeddings (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (default: fp32)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)")
     p.add_argument("--host", default="127.0.0.1",
@@ -43,6 +46,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="abort a request not finished after S seconds, queueing included: 504 (default: 600)")
     p.add_argument("--max-body-kib", type=int, default=1024, metavar="KIB",
                    help="largest request body accepted, else 413 (default: 1024)")
+    p.add_argument("--no-truncate", action="store_true",
+                   help="encoders: answer 400 to /v1/embeddings inputs longer than the model's limit instead of "
+                        "truncating them to it (default: truncate)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, wait up to S seconds for running requests before exiting (default: 30)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -71,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = ServerConfig(model=args.model, dtype=args.dtype, served_model_name=args.served_model_name,
                        api_key=args.api_key or None, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
                        max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-                       request_timeout=args.request_timeout, max_body_bytes=args.max_body_kib * 1024)
+                       request_timeout=args.request_timeout, max_body_bytes=args.max_body_kib * 1024,
+                       truncate=not args.no_truncate)
     failed: list[str] = []
 
     def load_failed(message: str) -> None:  # no model, no server: exit rather than answer 503 forever

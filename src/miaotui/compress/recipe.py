@@ -6,8 +6,14 @@ A YAML recipe::
     steps:
       - quantize: {method: gptq, bits: 4, group_size: 128, act_order: true}
 
-Each step type is a function ``(Context, params) -> record``; the records land in the manifest. Other
-step types (pruning, distillation, low-rank) register themselves in ``STEPS`` the same way.
+Mixed precision: ``overrides`` maps globs on the fused module names to per-module settings, applied in order
+(``quant/mixed.py``); the manifest records each module's format::
+
+      - quantize: {method: rtn, bits: 4, group_size: 128, overrides: {"model.layers.3.*": {bits: 8}}}
+
+Each step type is a function ``(Context, params) -> record`` named in ``STEPS`` (imported on first use);
+the records land in the manifest. A step that changes shapes (structured pruning) records the new sizes
+with ``ctx.update_config``; a step that swaps modules records their specs in ``ctx.modules``.
 """
 
 from __future__ import annotations
@@ -55,7 +61,23 @@ class Context:
     calibration: Calibration = field(default_factory=Calibration)
     progress: bool = True
     modules: dict[str, dict] = field(default_factory=dict)
+    # called after every step with the LoadedModel; returns a quality dict recorded with the step
+    step_eval: Callable[[Any], dict[str, Any]] | None = None
     _ids: torch.Tensor | None = None
+    _teacher: Any = None
+
+    def update_config(self, **changes: Any) -> None:
+        """Record a shape change (structured pruning) in the config the checkpoint will be saved with."""
+        self.loaded.config.update(changes)
+
+    def teacher(self) -> Any:
+        """The uncompressed source model (a LoadedModel, fp32, eval mode), loaded once on first use."""
+        if self._teacher is None:
+            from miaotui.loading import load
+
+            self._teacher = load(str(self.loaded.path), "fp32", progress=False)
+            self._teacher.model.fuse()
+        return self._teacher
 
     def calib_ids(self) -> torch.Tensor:
         if self._ids is None:
@@ -74,23 +96,99 @@ QUANT_PARAMS = {
 }
 
 
-def run_quantize(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
-    from miaotui.compress.quant.swap import quantize_head, swap_linears
+# per-module settings an ``overrides`` glob may change, by method (SmoothQuant's W8A8 has no choices)
+OVERRIDE_PARAMS = {"rtn": {"bits", "group_size", "symmetric", "float_zero", "skip"},
+                   "gptq": {"bits", "group_size", "symmetric", "skip"},
+                   "awq": {"bits", "group_size", "symmetric", "skip"}}
 
+
+def _int8_format(where: str, given: dict[str, Any], merged: dict[str, Any]) -> dict[str, Any]:
+    """An 8-bit module runs per output channel, symmetric (``Int8Linear``): fill in what ``given`` leaves
+    unsaid, refuse what it contradicts."""
+    if given.get("group_size", None) not in (None, -1):
+        raise RecipeError(f"{where}: group_size must be null with bits 8 (int8 runs per output channel), "
+                          f"got {given['group_size']}")
+    if given.get("symmetric", True) is not True:
+        raise RecipeError(f"{where}: symmetric must be true with bits 8 (the int8 runtime's format)")
+    if given.get("float_zero"):
+        raise RecipeError(f"{where}: float_zero does not apply to bits 8 (symmetric, no zero point)")
+    return {**merged, "group_size": None, "symmetric": True, "float_zero": False}
+
+
+def quant_overrides(method: str, p: dict[str, Any]) -> dict[str, dict] | None:
+    """Validate the step's base settings and its ``overrides`` (glob → per-module settings); returns the
+    overrides completed so that each names a runnable format (see ``_int8_format``)."""
+    raw = p.pop("overrides", None)
+    if p.get("bits") == 8 and method in OVERRIDE_PARAMS:
+        fmt = _int8_format(f"quantize/{method}", p, {})
+        p["group_size"], p["symmetric"] = fmt["group_size"], fmt["symmetric"]
+    if raw is None:
+        return None
+    if method not in OVERRIDE_PARAMS:
+        raise RecipeError(f"quantize/{method}: overrides are not supported (choose from "
+                          f"{', '.join(OVERRIDE_PARAMS)} for per-module settings)")
+    if not isinstance(raw, dict) or not raw:
+        raise RecipeError(f"quantize/{method}: overrides must be a non-empty mapping of module-name glob → "
+                          "settings, e.g. {'model.layers.0.*': {bits: 8}}")
+    out = {}
+    for glob, settings in raw.items():
+        where = f"quantize/{method}: overrides[{glob!r}]"
+        if not isinstance(glob, str) or not isinstance(settings, dict) or not settings:
+            raise RecipeError(f"{where}: must map a module-name glob to a non-empty mapping of settings")
+        unknown = set(settings) - OVERRIDE_PARAMS[method]
+        if unknown:
+            raise RecipeError(f"{where}: unknown parameter(s) {', '.join(sorted(unknown))} "
+                              f"(allowed: {', '.join(sorted(OVERRIDE_PARAMS[method]))})")
+        if settings.get("skip"):
+            out[glob] = {"skip": True}
+            continue
+        bits = settings.get("bits", p.get("bits", 4))
+        if bits not in (4, 8):
+            raise RecipeError(f"{where}: bits must be 4 or 8, got {bits}")
+        settings = dict(settings)
+        if bits == 8:
+            settings = _int8_format(where, settings, settings)
+        elif settings.get("bits") == 4 and p.get("bits") == 8:  # a 4-bit module in an int8 step: int4 defaults
+            settings = {"group_size": 128, "symmetric": False, **settings}
+        if method != "rtn":
+            settings.pop("float_zero", None)
+        out[glob] = settings
+    return out
+
+
+def run_quantize(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
+    """The ``quantize`` step: one method for every decoder linear, with per-module ``overrides`` by glob
+    (mixed precision: ``overrides: {"model.layers.3.*": {bits: 8}}``; ``skip: true`` keeps a module float)."""
+    from miaotui.compress.quant.mixed import bits_histogram, unmatched
+    from miaotui.compress.quant.swap import layer_linears, quantize_head, swap_linears
+    from miaotui.loading.encoder import LoadedEncoder
+
+    if isinstance(ctx.loaded, LoadedEncoder):  # BERT family: its own linears, W8A8 without SmoothQuant's folds
+        from miaotui.encoder.quantize import run_quantize_encoder
+
+        return run_quantize_encoder(ctx, params)
     p = dict(params)
     method = p.pop("method", "rtn")
     head = p.pop("head", "int8")
     if method not in QUANT_PARAMS:
         raise RecipeError(f"quantize: unknown method {method!r} (choose from {', '.join(QUANT_PARAMS)})")
-    unknown = set(p) - QUANT_PARAMS[method]
+    unknown = set(p) - QUANT_PARAMS[method] - {"overrides"}
     if unknown:
         raise RecipeError(f"quantize/{method}: unknown parameter(s) {', '.join(sorted(unknown))} "
-                          f"(allowed: {', '.join(sorted(QUANT_PARAMS[method] | {'head'}))})")
+                          f"(allowed: {', '.join(sorted(QUANT_PARAMS[method] | {'head', 'overrides'}))})")
     if p.get("bits", 4 if method != "smoothquant" else 8) not in (4, 8):
         raise RecipeError(f"quantize/{method}: bits must be 4 or 8, got {p['bits']}")
     if head not in ("int8", "none", None):
         raise RecipeError(f"quantize: head must be 'int8' or 'none', got {head!r}")
+    overrides = quant_overrides(method, p)
     model = ctx.loaded.model
+    if overrides:
+        model.fuse()  # the globs name the fused modules, as the manifest does
+        missing = unmatched(overrides, layer_linears(model))
+        if missing:
+            raise RecipeError(f"quantize/{method}: overrides glob(s) {', '.join(map(repr, missing))} match no "
+                              f"decoder linear (names look like {next(iter(layer_linears(model)), '?')!r})")
+        p["overrides"] = overrides
     if method == "rtn":
         from miaotui.compress.quant.rtn import quantize_model_rtn
 
@@ -114,10 +212,29 @@ def run_quantize(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
         spec.update(quantize_head(model))
     ctx.modules.update(spec)
     groups = sorted({s.get("group_size") for s in spec.values() if s.get("group_size")})
-    return {"modules": len(spec), "group_sizes_used": groups}
+    record = {"modules": len(spec), "group_sizes_used": groups}
+    if overrides:
+        record["kinds"] = bits_histogram(spec)
+    return record
 
 
-STEPS: dict[str, Callable[[Context, dict[str, Any]], dict[str, Any]]] = {"quantize": run_quantize}
+# step type → "module:function"; imported on first use so a recipe pays only for the steps it runs
+STEPS: dict[str, str] = {
+    "quantize": "miaotui.compress.recipe:run_quantize",
+    "prune": "miaotui.compress.prune.unstructured:run_prune",  # magnitude / wanda / sparsegpt, N:M, OWL
+    "prune-heads": "miaotui.compress.prune.structured:run_prune_heads",
+    "prune-channels": "miaotui.compress.prune.structured:run_prune_channels",
+    "prune-layers": "miaotui.compress.prune.structured:run_prune_layers",
+    "lowrank": "miaotui.compress.lowrank:run_lowrank",
+    "distill": "miaotui.compress.distill:run_distill",
+}
+
+
+def step_function(kind: str) -> Callable[[Context, dict[str, Any]], dict[str, Any]]:
+    import importlib
+
+    module, _, func = STEPS[kind].partition(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def load_recipe(name_or_file: str) -> dict[str, Any]:
@@ -153,7 +270,9 @@ def run_recipe(ctx: Context, recipe: dict[str, Any]) -> list[dict[str, Any]]:
     for step in recipe["steps"]:
         (kind, params), = step.items()
         t0 = time.perf_counter()
-        record = STEPS[kind](ctx, dict(params or {}))
-        records.append({"step": kind, "params": params or {}, **record,
-                        "seconds": round(time.perf_counter() - t0, 2)})
+        record = step_function(kind)(ctx, dict(params or {}))
+        record = {"step": kind, "params": params or {}, **record, "seconds": round(time.perf_counter() - t0, 2)}
+        if ctx.step_eval is not None:  # each step's quality lands in the manifest
+            record["quality"] = ctx.step_eval(ctx.loaded)
+        records.append(record)
     return records

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -84,9 +85,7 @@ class Encoder:
         ids, types = enc["input_ids"], enc["token_type_ids"]
         long = [i for i, s in enumerate(ids) if len(s) > self.max_tokens]
         if long and not truncate:
-            i = long[0]
-            raise PromptTooLongError(f"input {i} has {len(ids[i])} tokens, more than the model's limit of "
-                                     f"{self.max_tokens} ({len(long)} input(s) too long; truncation is off)")
+            raise self._too_long(long, [len(ids[i]) for i in long])
         if long:
             # only the over-long inputs are tokenized again: the tokenizer knows where special tokens go
             cut = self.tokenizer([first[i] for i in long], [second[i] for i in long] if second else None,
@@ -97,6 +96,44 @@ class Encoder:
             warnings.warn(f"{len(long)} input(s) longer than {self.max_tokens} tokens were truncated",
                           TruncationWarning, stacklevel=3)
         return ids, types
+
+    def _too_long(self, long: list[int], lengths: list[int]) -> PromptTooLongError:
+        i = long[0]
+        err = PromptTooLongError(f"input {i} has {lengths[0]} tokens, more than the model's limit of "
+                                 f"{self.max_tokens} ({len(long)} input(s) too long; truncation is off)")
+        err.index = i  # which input: the server names it in its 400
+        return err
+
+    @functools.cached_property
+    def special_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after one text ([CLS] … [SEP], <s> … </s>), found by
+        tokenizing a probe with and without them (transformers 5 has no build_inputs_with_special_tokens)."""
+        bare = self.tokenizer("probe", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("probe", add_special_tokens=True)["input_ids"]
+        for k in range(len(full) - len(bare) + 1):
+            if full[k:k + len(bare)] == bare:
+                return full[:k], full[k + len(bare):]
+        raise MiaotuiError("cannot tell where this tokenizer puts its special tokens")
+
+    def from_token_ids(self, seqs: Sequence[Sequence[int]], truncate: bool = True) -> tuple[list[list[int]], list[list[int]]]:
+        """Token-id inputs (a text's ids without special tokens, as ``tokenizer(text, add_special_tokens=False)``
+        gives them) → ids and token types as ``tokenize`` returns for that text; cut or refused like it."""
+        before, after = self.special_tokens
+        room = self.max_tokens - len(before) - len(after)
+        vocab = self.model.args.vocab_size
+        for i, seq in enumerate(seqs):
+            if len(seq) == 0:
+                raise MiaotuiError(f"input {i} is empty")
+            if any(not 0 <= t < vocab for t in seq):
+                raise MiaotuiError(f"input {i} has token ids outside the vocabulary [0, {vocab})")
+        long = [i for i, seq in enumerate(seqs) if len(seq) > room]
+        if long and not truncate:
+            raise self._too_long(long, [len(seqs[i]) + len(before) + len(after) for i in long])
+        if long:
+            warnings.warn(f"{len(long)} input(s) longer than {self.max_tokens} tokens were truncated",
+                          TruncationWarning, stacklevel=2)
+        ids = [before + list(seq[:room]) + after for seq in seqs]
+        return ids, [[0] * len(x) for x in ids]
 
     # -- forward passes ------------------------------------------------------------------------------------
     def _run(self, ids: list[list[int]], types: list[list[int]], batch_size: int, progress: bool, fn,
@@ -120,12 +157,19 @@ class Encoder:
         choice (sentence-transformers' Normalize module), True/False to force it."""
         single = isinstance(texts, (str, tuple))
         ids, types = self.tokenize(texts, truncate)
+        emb = self.embed(ids, types, batch_size, normalize, progress)
+        emb = emb[0] if single else emb
+        return emb.numpy() if convert_to == "numpy" else emb
+
+    def embed(self, ids: list[list[int]], types: list[list[int]] | None = None, batch_size: int = 32,
+              normalize: bool | None = None, progress: bool = False) -> torch.Tensor:
+        """``encode`` for inputs already tokenized (special tokens included, within ``max_tokens``): (B, dim)."""
+        types = types if types is not None else [[0] * len(x) for x in ids]
         modes = self.loaded.pooling.modes
         emb = self._run(ids, types, batch_size, progress, lambda h, b: pool(h, b, modes), self.dim)
         if normalize if normalize is not None else self.loaded.pooling.normalize:
             emb = torch.nn.functional.normalize(emb, dim=-1)
-        emb = emb[0] if single else emb
-        return emb.numpy() if convert_to == "numpy" else emb
+        return emb
 
     def fill_mask(self, text: str, top_k: int = 5) -> list[list[dict]]:
         """For each mask token in ``text``, the ``top_k`` likeliest tokens: [{token_id, token, score, sequence}]."""

@@ -4,6 +4,8 @@
 - bf16 on a CPU without native bf16 dot products (no AVX512-BF16/AMX): weights stay bf16, so a decode step
   reads half the bytes of fp32, but inputs of many rows (prefill, batches) are multiplied in fp32, where
   emulated bf16 matmuls are ~6x slower. One-row decode keeps the bf16 kernel (it is bandwidth-bound).
+- Few-row products (decode) of bf16/fp32 linears run miaotui's native GEMV where it builds
+  (``miaotui.kernels``: fp32 accumulation, about twice MKL's bytes/s here); more rows keep the above.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miaotui.cpu import has_native_bf16
+from miaotui.kernels.linear import GemvMixin, GemvLinear, use_native_gemv
 from miaotui.models import CausalLM
 
 
@@ -26,6 +29,10 @@ class UpcastLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         bias = self.bias.float() if self.bias is not None else None
         return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+
+
+class GemvUpcastLinear(GemvMixin, UpcastLinear):
+    """``UpcastLinear`` whose few-row products take the native GEMV."""
 
 
 def upcast_many_row_matmuls(model: nn.Module) -> int:
@@ -47,4 +54,5 @@ def prepare_for_inference(model: CausalLM) -> CausalLM:
     if model.device.type == "cpu" and isinstance(head, nn.Linear) and head.weight.dtype == torch.bfloat16 \
             and has_native_bf16() is False:
         upcast_many_row_matmuls(model)
+    use_native_gemv(model, {nn.Linear: GemvLinear, UpcastLinear: GemvUpcastLinear})
     return model

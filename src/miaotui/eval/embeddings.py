@@ -13,6 +13,23 @@ from typing import Any
 import numpy as np
 
 
+EVAL_TEXTS = 256  # texts compared by default
+
+
+def eval_texts(data: str | Path | None = None, limit: int | None = EVAL_TEXTS) -> tuple[list[str], Path]:
+    """The lines of ``data`` (default: the WikiText excerpt) worth embedding (four words or more), the first
+    ``limit`` of them; and the file's path."""
+    from miaotui.encoder.io import read_texts
+    from miaotui.errors import MiaotuiError
+    from miaotui.eval.data import default_data_path
+
+    path = Path(data).expanduser() if data else default_data_path()
+    texts = [t for t in read_texts(path) if len(t.split()) >= 4][:limit]
+    if len(texts) < 2:
+        raise MiaotuiError(f"{path}: need at least two lines of text (four words or more) to compare embeddings")
+    return texts, path
+
+
 def _embed(model: Any, texts: list[str], batch_size: int) -> np.ndarray:
     """An ``Encoder``, a model path (or None: the default encoder), or precomputed embeddings (B, D)."""
     if isinstance(model, np.ndarray):

@@ -83,7 +83,8 @@ def _eos_ids(cfg: dict, tokenizer) -> set[int]:
 
 
 def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", progress: bool = False) -> LoadedModel:
-    """Load a decoder: a Hugging Face folder, a GGUF file, or (``None``) the embedded default model."""
+    """Load a decoder: a Hugging Face folder, a GGUF file, or (``None``) the embedded default model; a
+    compressed checkpoint. An encoder folder or checkpoint (BERT family) comes back as a ``LoadedEncoder``."""
     path = Path(path).expanduser() if path is not None else default_model_path()
     dtype = resolve_dtype(dtype)
     if not path.exists():
@@ -92,6 +93,10 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", prog
 
     if is_checkpoint(path):
         return load_checkpoint(path, dtype, progress)
+    from miaotui.loading.encoder import is_encoder_folder, load_encoder
+
+    if is_encoder_folder(path):  # BERT family: a LoadedEncoder (body, heads, sentence-transformers pooling)
+        return load_encoder(path, dtype, progress)
     if path.is_dir():
         from miaotui.loading.hf import load_hf_weights, read_hf_config, weight_dtypes
         from miaotui.loading.tokenizer import load_hf_tokenizer

@@ -5,6 +5,8 @@
     DIR/tokenizer*.json    the tokenizer and chat template
     DIR/manifest.json      what was done (recipe, per-module quantization), from what (source hash),
                            by which miaotui, bytes, a sha256 of the weights, and the quality report
+    DIR/modules.json, 1_Pooling/, sentence_bert_config.json
+                           encoders only: the source's sentence-transformers files, so pooling survives
 """
 
 from __future__ import annotations
@@ -110,15 +112,20 @@ def update_quality(path: str | os.PathLike, quality: dict) -> None:
     p.write_text(json.dumps(manifest, indent=2))
 
 
-def build_checkpoint_model(cfg: dict, manifest: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
+def build_checkpoint_model(cfg: dict, manifest: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                           skeleton: nn.Module | None = None):
     """The architecture on the meta device, fused, with quantized modules where the manifest says; then
-    every tensor assigned, checked name by name and shape by shape."""
+    every tensor assigned, checked name by name and shape by shape. ``skeleton``: a meta-device model built
+    by the caller (encoders, whose heads and pruned widths come from the tensors) instead of the config's."""
     from miaotui.compress.quant.swap import Int8Embedding, build_module, set_module
     from miaotui.models import model_class
 
-    cls = model_class(cfg.get("model_type"))
-    with torch.device("meta"):
-        model = cls.from_config(cfg)
+    if skeleton is not None:
+        model = skeleton
+    else:
+        cls = model_class(cfg.get("model_type"))
+        with torch.device("meta"):
+            model = cls.from_config(cfg)
     model.tie_weights()
     model.fuse()
     for name, spec in manifest["modules"].items():
@@ -152,7 +159,8 @@ def build_checkpoint_model(cfg: dict, manifest: dict, tensors: dict[str, torch.T
     sd = {k: v.to(dtype) if v.is_floating_point() and k not in quant_buffers else v for k, v in tensors.items()}
     model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()  # assign replaced the shared parameter: share it again
-    model.init_buffers()
+    if hasattr(model, "init_buffers"):  # decoders: RoPE tables (encoders have none)
+        model.init_buffers()
     for module in model.modules():  # kernel scratch buffers (not stored; prepare() fills them): off meta
         for key, buf in module._buffers.items():
             if buf is not None and buf.is_meta:
@@ -160,13 +168,12 @@ def build_checkpoint_model(cfg: dict, manifest: dict, tensors: dict[str, torch.T
     return model.eval().requires_grad_(False)
 
 
-def load_checkpoint(path: Path, dtype: torch.dtype, progress: bool = False):
+def read_checkpoint(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """(manifest, config, tensors) of a checkpoint folder, the weights checked against the manifest's sha256."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from miaotui.loading import LoadedModel, _eos_ids
     from miaotui.loading.hf import read_hf_config
-    from miaotui.loading.tokenizer import load_hf_tokenizer
 
     manifest = read_manifest(path)
     weights = path / manifest["weights"].get("file", WEIGHTS)
@@ -181,6 +188,18 @@ def load_checkpoint(path: Path, dtype: torch.dtype, progress: bool = False):
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"{weights}: unreadable safetensors file ({e})") from None
+    return manifest, cfg, tensors
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype, progress: bool = False):
+    """A decoder checkpoint as a ``LoadedModel``; an encoder checkpoint as a ``LoadedEncoder``."""
+    from miaotui.loading import LoadedModel, _eos_ids
+    from miaotui.loading.encoder import is_encoder_config, load_encoder_checkpoint
+    from miaotui.loading.tokenizer import load_hf_tokenizer
+
+    manifest, cfg, tensors = read_checkpoint(path)
+    if is_encoder_config(cfg):
+        return load_encoder_checkpoint(path, dtype, manifest, cfg, tensors)
     model = build_checkpoint_model(cfg, manifest, tensors, dtype)
     tokenizer = load_hf_tokenizer(path)
     stored: dict[str, int] = {}

@@ -1,12 +1,14 @@
 """Load a BERT-family encoder folder: config + safetensors (via ``hf.py``), the tokenizer, and the
-sentence-transformers pooling described by ``modules.json`` / ``1_Pooling/config.json``.
+sentence-transformers pooling described by ``modules.json`` / ``1_Pooling/config.json``; or a compressed
+encoder checkpoint (``loading/checkpoint.py``'s format, with those pooling files copied beside it).
 
-Kept apart from ``loading/__init__.py``'s ``load()``, which builds decoders (``CausalLM``) only.
+``loading/__init__.py``'s ``load()`` hands encoder folders and checkpoints to ``load_encoder``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,28 @@ class LoadedEncoder:
     path: Path
     pooling: Pooling
     max_tokens: int  # inputs longer than this are truncated (or refused)
+    format: str = "hf"  # "hf" | "miaotui" (a compressed checkpoint)
+    manifest: dict | None = None  # a compressed checkpoint's manifest.json
+
+
+ENCODER_MODEL_TYPES = frozenset(ENCODER_TYPES)
+# what sentence-transformers reads besides the weights: copied into a compressed checkpoint
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def is_encoder_config(cfg: dict) -> bool:
+    return cfg.get("model_type") in ENCODER_MODEL_TYPES
+
+
+def is_encoder_folder(path: str | Path) -> bool:
+    """A folder whose config.json names a BERT-family architecture (HF folder or compressed checkpoint)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return is_encoder_config(json.loads(cfg.read_text()))
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def default_encoder_path() -> Path:
@@ -120,12 +144,19 @@ def build_encoder(cfg: dict, sd: dict[str, torch.Tensor], dtype: torch.dtype) ->
 
 def load_encoder(path: str | Path | None = None, dtype: str | torch.dtype = "fp32",
                  progress: bool = False) -> LoadedEncoder:
-    """Load an encoder folder, or (``None``) the default all-MiniLM-L6-v2."""
+    """Load an encoder folder or compressed encoder checkpoint, or (``None``) the default all-MiniLM-L6-v2."""
+    from miaotui.loading.checkpoint import is_checkpoint, read_checkpoint
+
     path = Path(path).expanduser() if path is not None else default_encoder_path()
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
     if not path.is_dir():
         raise ModelLoadError(f"{path}: encoders load from a Hugging Face folder, not a file")
+    if is_checkpoint(path):
+        manifest, cfg, tensors = read_checkpoint(path)
+        if not is_encoder_config(cfg):
+            raise ModelLoadError(f"{path}: a {cfg.get('model_type')!r} checkpoint, not an encoder")
+        return load_encoder_checkpoint(path, resolve_dtype(dtype), manifest, cfg, tensors)
     cfg = read_hf_config(path)
     if cfg["model_type"] not in ENCODER_TYPES:
         raise ModelLoadError(f"unsupported encoder architecture {cfg['model_type']!r} "
@@ -134,3 +165,59 @@ def load_encoder(path: str | Path | None = None, dtype: str | torch.dtype = "fp3
     model = build_encoder(cfg, load_hf_weights(path, resolve_dtype(dtype), progress), resolve_dtype(dtype))
     tokenizer = load_hf_tokenizer(path)
     return LoadedEncoder(model, tokenizer, cfg, path, pooling, max_tokens(path, model, tokenizer))
+
+
+def _size_attention(model: BertEncoder, tensors: dict[str, torch.Tensor]) -> None:
+    """Give each float q/k/v and output projection the width its stored weight has: attention heads pruned
+    away leave narrower layers than the config describes (the head size stays config's hidden / heads)."""
+    from torch import nn
+
+    d = model.args.head_dim
+    for i, layer in enumerate(model.layers):
+        attn = layer.attention
+        qkv, out = tensors.get(f"layers.{i}.attention.qkv.weight"), tensors.get(f"layers.{i}.attention.out.weight")
+        if qkv is not None and qkv.shape[0] != attn.qkv.out_features:
+            if qkv.shape[0] % (3 * d):
+                raise ModelLoadError(f"layers.{i}.attention.qkv.weight: {qkv.shape[0]} rows is not 3 x whole "
+                                     f"heads of {d}")
+            attn.qkv = nn.Linear(qkv.shape[1], qkv.shape[0], device="meta")
+            attn.qkv_split = [qkv.shape[0] // 3] * 3
+        if out is not None and out.shape[1] != attn.out.in_features:
+            attn.out = nn.Linear(out.shape[1], out.shape[0], device="meta")
+
+
+def load_encoder_checkpoint(path: Path, dtype: torch.dtype, manifest: dict, cfg: dict,
+                            tensors: dict[str, torch.Tensor]) -> LoadedEncoder:
+    """A compressed encoder: the skeleton (heads and pruned widths read off the tensors), then the shared
+    checkpoint builder swaps in the quantized modules and checks every tensor."""
+    from miaotui.loading.checkpoint import build_checkpoint_model
+
+    if cfg["model_type"] not in ENCODER_TYPES:
+        raise ModelLoadError(f"unsupported encoder architecture {cfg['model_type']!r}")
+    pooling = read_pooling(path)
+    cls = ENCODER_TYPES[cfg["model_type"]]
+    with torch.device("meta"):
+        skeleton = cls.from_config(cfg, cls.heads_in(tensors))
+    skeleton.fuse()
+    _size_attention(skeleton, tensors)
+    model = build_checkpoint_model(cfg, manifest, tensors, dtype, skeleton=skeleton)
+    tokenizer = load_hf_tokenizer(path)
+    return LoadedEncoder(model, tokenizer, cfg, path, pooling, max_tokens(path, model, tokenizer), "miaotui", manifest)
+
+
+def copy_pooling_files(source: Path, dest: Path) -> list[str]:
+    """Copy the sentence-transformers files (modules.json, the folders it names, sentence_bert_config.json)
+    from an encoder folder into a checkpoint, so the pooling and length limit survive; returns what was copied."""
+    source, dest = Path(source), Path(dest)
+    copied = []
+    for name in ST_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, dest / name)
+            copied.append(name)
+    if (source / "modules.json").is_file():
+        for m in json.loads((source / "modules.json").read_text()):
+            sub = m.get("path") or ""
+            if sub and (source / sub).is_dir():
+                shutil.copytree(source / sub, dest / sub, dirs_exist_ok=True)
+                copied.append(sub)
+    return copied

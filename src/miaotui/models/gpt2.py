@@ -39,6 +39,7 @@ class GPT2Args:
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
     tie_word_embeddings: bool = True
+    head_dim: int | None = None  # written by head pruning (fewer heads, same n_embd); else n_embd // n_head
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "GPT2Args":
@@ -53,16 +54,17 @@ class GPT2Args:
             layer_norm_epsilon=cfg.get("layer_norm_epsilon", 1e-5), activation_function=act,
             scale_attn_weights=cfg.get("scale_attn_weights", True),
             scale_attn_by_inverse_layer_idx=cfg.get("scale_attn_by_inverse_layer_idx", False),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", True), head_dim=cfg.get("head_dim"),
         )
 
 
 class Attention(nn.Module):
     def __init__(self, a: GPT2Args, layer_idx: int):
         super().__init__()
-        self.head_dim = a.n_embd // a.n_head
-        self.c_attn = nn.Linear(a.n_embd, 3 * a.n_embd)
-        self.c_proj = nn.Linear(a.n_embd, a.n_embd)
+        self.head_dim = a.head_dim or a.n_embd // a.n_head
+        width = a.n_head * self.head_dim  # n_embd unless heads were pruned
+        self.c_attn = nn.Linear(a.n_embd, 3 * width)
+        self.c_proj = nn.Linear(width, a.n_embd)
         scale = 1 / math.sqrt(self.head_dim) if a.scale_attn_weights else 1.0
         self.scale = scale / (layer_idx + 1) if a.scale_attn_by_inverse_layer_idx else scale
         self.kv_cache: KVCache | None = None  # or any cache with the same ``attend``

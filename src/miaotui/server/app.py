@@ -1,5 +1,8 @@
 """The FastAPI app: OpenAI routes, SSE streaming, API-key check, body limit, /health and /metrics.
 
+A decoder serves /v1/completions and /v1/chat/completions through ``EngineLoop``; an encoder (BERT family)
+serves /v1/embeddings through ``EmbeddingLoop``; each answers the other's routes with a 400 saying why.
+
     app = create_app(ServerConfig(model="path/to/model"))     # uvicorn.run(app, host=..., port=...)
 
 The model loads in a background thread once the server is up, so ``/health`` can answer 503 ("loading")
@@ -26,11 +29,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from miaotui.server import convert
 from miaotui.server.engine_loop import EngineLoop, Event, LoopDead, QueueFull
 from miaotui.server.metrics import Metrics
-from miaotui.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse
+from miaotui.server.embedding_loop import EmbeddingFailed, EmbeddingLoop
+from miaotui.server.embeddings import embedding_inputs, embedding_response
+from miaotui.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse
 from miaotui.server.responses import Reply
 
 log = logging.getLogger("miaotui.server")
-ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics"}
 POLL_S = 0.25  # how often a request waiting for tokens checks whether its client is still there
 
 
@@ -47,6 +52,8 @@ class ServerConfig:
     request_timeout: float = 600.0
     max_body_bytes: int = 1 << 20
     retry_after_s: int = 1
+    truncate: bool = True  # encoders: cut over-long /v1/embeddings inputs to the model's limit (else 400)
+    embed_batch_size: int = 32  # encoders: inputs per packed forward
 
 
 class ClientGone(Exception):
@@ -58,6 +65,9 @@ class ServerState:
         self.cfg, self._loaded, self.on_load_failed = cfg, loaded, on_load_failed
         self.metrics = Metrics()
         self.loop: EngineLoop | None = None
+        self.encoder = None  # an Encoder when the model is BERT-family: /v1/embeddings only
+        self.embed_loop: EmbeddingLoop | None = None
+        self.max_model_len = 0
         self.tokenizer = None
         self.limits: convert.Limits | None = None
         self.model_name = cfg.served_model_name or "miaotui"
@@ -73,6 +83,8 @@ class ServerState:
         cfg = self.cfg
         try:
             lm = self._loaded or load(cfg.model, cfg.dtype)
+            if _is_encoder(lm):
+                return self._start_encoder(lm)
             prepare_for_inference(lm.model)
             ec = EngineConfig(max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
                               max_num_batched_tokens=max(512, cfg.max_num_seqs),
@@ -84,6 +96,7 @@ class ServerState:
             if not cfg.served_model_name:  # the folder's name, or the file's without its extension
                 self.model_name = lm.path.name if lm.path.is_dir() else lm.path.stem
             self.tokenizer = lm.tokenizer
+            self.max_model_len = e.config.max_model_len
             self.loop = loop.start()
             self._loaded = None  # the engine holds the model now
             log.info("ready: %s, context %d, %d KV slots, up to %d sequences (%d running)", self.model_name,
@@ -94,12 +107,29 @@ class ServerState:
             if self.on_load_failed:
                 self.on_load_failed(self.load_error)
 
+    def _start_encoder(self, loaded) -> None:
+        from miaotui.encoder import Encoder
+        from miaotui.server.embedding_loop import EmbeddingLoop
+
+        encoder = loaded if hasattr(loaded, "embed") else Encoder(loaded)
+        self.model_name = self.cfg.served_model_name or encoder.loaded.path.name
+        self.encoder, self.tokenizer, self.max_model_len = encoder, encoder.tokenizer, encoder.max_tokens
+        self.embed_loop = EmbeddingLoop(encoder, self.metrics, self.cfg.embed_batch_size,
+                                        max_queue_inputs=max(1, self.cfg.max_queue) * 64).start()
+        self._loaded = None
+        log.info("ready: %s (an encoder: /v1/embeddings), %d dimensions, inputs up to %d tokens (%s)",
+                 self.model_name, encoder.dim, encoder.max_tokens, "truncated" if self.cfg.truncate else "refused")
+
+    @property
+    def running_loop(self):
+        return self.loop if self.loop is not None else self.embed_loop
+
     def health(self) -> tuple[int, str]:
         if self.load_error:
             return 503, f"failed: {self.load_error}"
-        if self.loop is None:
+        if self.running_loop is None:
             return 503, "loading"
-        if not self.loop.alive:
+        if not self.running_loop.alive:
             return 503, "dead"
         if self.draining:
             return 503, "draining"
@@ -110,7 +140,7 @@ class ServerState:
         if status != 200:
             raise ApiError(503, f"the server is not ready ({what})", code="unavailable",
                            headers={"Retry-After": str(self.cfg.retry_after_s)})
-        return self.loop
+        return self.running_loop
 
 
 class Edge:
@@ -162,8 +192,8 @@ def create_app(cfg: ServerConfig, loaded=None, on_load_failed=None) -> FastAPI:
     async def lifespan(app):
         threading.Thread(target=state.load, name="miaotui-load", daemon=True).start()
         yield
-        if state.loop is not None:
-            state.loop.stop()
+        if state.running_loop is not None:
+            state.running_loop.stop()
 
     app = FastAPI(title="miaotui", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.miaotui = state
@@ -189,7 +219,32 @@ def create_app(cfg: ServerConfig, loaded=None, on_load_failed=None) -> FastAPI:
     async def models():
         state.require_ready()
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
-                                            "owned_by": "miaotui", "max_model_len": state.limits.max_model_len}]}
+                                            "owned_by": "miaotui", "max_model_len": state.max_model_len}]}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        req = parse(EmbeddingRequest, await _read_body(request, cfg.max_body_bytes))
+        loop = _check_model(state, req, "/v1/embeddings")
+        if state.encoder is None:
+            raise ApiError(400, f"model {state.model_name!r} generates text (a decoder): /v1/embeddings needs an "
+                                "encoder (BERT family, e.g. all-MiniLM-L6-v2: miaotui serve --model ENCODER)",
+                           "model", "model_not_supported")
+        ids, types = embedding_inputs(req, state.encoder, cfg.truncate)
+        try:
+            future = loop.submit(ids, types)
+        except QueueFull:
+            raise ApiError(429, f"the server is full ({loop.capacity} inputs waiting); retry later",
+                           code="queue_full", headers={"Retry-After": str(state.cfg.retry_after_s)}) from None
+        except LoopDead:
+            raise ApiError(503, "the engine is not running", code="unavailable") from None
+        try:
+            emb = await asyncio.wait_for(future, timeout=state.cfg.request_timeout)
+        except TimeoutError:
+            raise ApiError(504, f"no answer within the request timeout ({state.cfg.request_timeout:g} s)",
+                           code="timeout") from None
+        except (EmbeddingFailed, LoopDead) as e:
+            raise ApiError(500, f"embedding failed: {e}", code="engine_error") from None
+        return embedding_response(emb, req.encoding_format, state.model_name, sum(map(len, ids)))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -224,11 +279,25 @@ def create_app(cfg: ServerConfig, loaded=None, on_load_failed=None) -> FastAPI:
     return Edge(app, state)
 
 
+def _is_encoder(loaded) -> bool:
+    from miaotui.loading.encoder import LoadedEncoder
+
+    return isinstance(loaded, LoadedEncoder) or hasattr(loaded, "embed")  # a LoadedEncoder or an Encoder
+
+
 def _new_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
 def _start(state: ServerState, req, route: str) -> EngineLoop:
+    loop = _check_model(state, req, route)
+    if state.encoder is not None:
+        raise ApiError(400, f"model {state.model_name!r} is an encoder (an embedding model): it serves "
+                            f"/v1/embeddings, not {route}", "model", "model_not_supported")
+    return loop
+
+
+def _check_model(state: ServerState, req, route: str):
     loop = state.require_ready()
     if req.model_extra:
         log.warning("%s: ignoring unknown field(s) %s", route, ", ".join(sorted(req.model_extra)))

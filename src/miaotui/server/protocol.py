@@ -115,6 +115,16 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
+class EmbeddingRequest(_Strict):
+    """``/v1/embeddings``: one text, several, or token-id lists (a text's ids without special tokens)."""
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
 def parse(model: type[BaseModel], body: bytes):
     """Validate a JSON body; any problem is a 400 naming the first offending parameter."""
     try:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from miaotui.compress.layerwise import ChannelStat, HessianStat, ScaleGroup, fold_scale, layer_by_layer
+from miaotui.compress.quant.mixed import module_settings
 from miaotui.compress.quant.qtensor import QuantizedWeight, check_group, quantize_rtn
 
 
@@ -93,41 +94,56 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int 
 def awq_layer(groups: list[ScaleGroup], linears: dict[str, nn.Linear], grams: dict[str, torch.Tensor],
               act_means: dict[str, torch.Tensor], bits: int = 4, group_size: int | None = 128,
               symmetric: bool = False, n_grid: int = 20, duo_scaling: bool = True,
-              clip: bool = True) -> dict[str, QuantizedWeight]:
+              clip: bool = True, settings: dict[str, dict | None] | None = None) -> dict[str, QuantizedWeight]:
     """Search and fold each group's scale (modifies the modules in place, same float function), then quantize
-    every linear in ``linears`` (clipped if asked). ``grams``/``act_means``: per linear, of its inputs."""
+    every linear in ``linears`` (clipped if asked). ``grams``/``act_means``: per linear, of its inputs.
+    ``settings``: per linear, its own bits / group_size / symmetric, or None to leave it float (mixed
+    precision); a scale group searches with the grid of its first quantized linear."""
+    base = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
+    settings = {n: (settings or {}).get(n, base) for n in linears}
     grams, act_means = dict(grams), dict(act_means)
     for grp in groups:
+        quantized = [n for n in grp.linears if settings[n] is not None]
+        if not quantized:  # nothing here is rounded: no error to protect against
+            continue
+        s0 = settings[quantized[0]]
         gram = grams[grp.linears[0]]  # the linears of a group read the same input
-        s = search_scale([linears[n].weight for n in grp.linears], gram, act_means[grp.linears[0]], grp,
-                         bits, group_size, symmetric, n_grid, duo_scaling)
+        s = search_scale([linears[n].weight for n in quantized], gram, act_means[grp.linears[0]], grp,
+                         s0["bits"], s0["group_size"], s0["symmetric"], n_grid, duo_scaling)
         fold_scale(grp, s, linears)
         full = grp.expand(s)
         for n in grp.linears:  # the folded linears now see x / s
             grams[n] = grams[n] / full[:, None] / full[None, :]
     out = {}
     for name, lin in linears.items():
+        st = settings[name]
+        if st is None:
+            continue
         w = lin.weight.float()
         if clip:
-            w = search_clip(w, grams[name], bits, group_size, symmetric, n_grid)
-        out[name] = quantize_rtn(w, bits, group_size, symmetric)
+            w = search_clip(w, grams[name], st["bits"], st["group_size"], st["symmetric"], n_grid)
+        out[name] = quantize_rtn(w, st["bits"], st["group_size"], st["symmetric"])
     return out
 
 
 def quantize_model_awq(model: nn.Module, calib_ids: torch.Tensor, bits: int = 4, group_size: int | None = 128,
                        symmetric: bool = False, n_grid: int = 20, duo_scaling: bool = True, clip: bool = True,
-                       scale_v_o: bool = True, progress: bool = True) -> dict[str, QuantizedWeight]:
+                       scale_v_o: bool = True, progress: bool = True,
+                       overrides: dict[str, dict] | None = None) -> dict[str, QuantizedWeight]:
     """AWQ every decoder linear, layer by layer on ``calib_ids`` (N, T). The scales are folded into the model
-    (its float function is unchanged); quantize the returned weights into that same, scaled model."""
+    (its float function is unchanged); quantize the returned weights into that same, scaled model.
+    ``overrides``: per-module bits / group size / symmetry by glob (``quant/mixed.py``)."""
+    base = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
     result: dict[str, QuantizedWeight] = {}
     for calib in layer_by_layer(model, calib_ids, progress=progress, desc="awq"):
+        settings = {n: module_settings(calib.qualified(n), base, overrides) for n in calib.linears}
         stats = calib.capture({n: (HessianStat(lin.in_features), ChannelStat(lin.in_features))
                                for n, lin in calib.linears.items()})
         groups = [g for g in calib.stack.scale_groups(calib.layer) if scale_v_o or g.name != "v_o"]
         # HessianStat holds 2/N Σ x xᵀ: a constant multiple of G, which no argmin cares about
         qws = awq_layer(groups, calib.linears, {n: st[0].h for n, st in stats.items()},
                         {n: st[1].abs_mean for n, st in stats.items()}, bits, group_size, symmetric, n_grid,
-                        duo_scaling, clip)
+                        duo_scaling, clip, settings)
         calib.advance(qws)
         result.update({calib.qualified(n): qw for n, qw in qws.items()})
     return result

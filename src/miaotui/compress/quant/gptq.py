@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from miaotui.compress.layerwise import HessianStat, layer_by_layer
+from miaotui.compress.quant.mixed import module_settings
 from miaotui.compress.quant.qtensor import QuantizedWeight, check_group, group_params, quantize_with
 
 
@@ -92,13 +93,20 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size: i
 
 def quantize_model_gptq(model: nn.Module, calib_ids: torch.Tensor, bits: int = 4, group_size: int | None = 128,
                         symmetric: bool = False, percdamp: float = 0.01, act_order: bool = False,
-                        block_size: int = 128, progress: bool = True) -> dict[str, QuantizedWeight]:
-    """GPTQ every decoder linear, layer by layer on ``calib_ids`` (N, T); the model's weights are unchanged."""
+                        block_size: int = 128, progress: bool = True,
+                        overrides: dict[str, dict] | None = None) -> dict[str, QuantizedWeight]:
+    """GPTQ every decoder linear, layer by layer on ``calib_ids`` (N, T); the model's weights are unchanged.
+    ``overrides``: per-module bits / group size / symmetry by glob (``quant/mixed.py``); a skipped module
+    stays float, and the next layers are calibrated on its float outputs."""
+    base = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
     result: dict[str, QuantizedWeight] = {}
     for calib in layer_by_layer(model, calib_ids, progress=progress, desc="gptq"):
-        stats = calib.capture({n: HessianStat(lin.in_features) for n, lin in calib.linears.items()})
-        qws = {n: gptq_quantize(lin.weight, stats[n].h, bits, group_size, symmetric, percdamp, act_order, block_size)
-               for n, lin in calib.linears.items()}
+        settings = {n: module_settings(calib.qualified(n), base, overrides) for n in calib.linears}
+        todo = {n: lin for n, lin in calib.linears.items() if settings[n] is not None}
+        stats = calib.capture({n: HessianStat(lin.in_features) for n, lin in todo.items()}) if todo else {}
+        qws = {n: gptq_quantize(lin.weight, stats[n].h, settings[n]["bits"], settings[n]["group_size"],
+                                settings[n]["symmetric"], percdamp, act_order, block_size)
+               for n, lin in todo.items()}
         calib.advance(qws)
         result.update({calib.qualified(n): qw for n, qw in qws.items()})
     return result

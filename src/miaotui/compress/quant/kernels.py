@@ -1,9 +1,11 @@
 """Which kernel each quantized matmul uses, chosen by measurement on this machine.
 
-PyTorch's packed CPU kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) read 4–8x fewer
-bytes than an fp32 matmul, which is what a one-row decode step is bound by; with many rows (prefill,
-large batches) the matmul is compute-bound and dequantize-then-fp32-matmul wins. The crossover row count
-depends on the CPU and the shape, so it is measured once per shape (a few ms) and cached for the process.
+Packed kernels read 4–8x fewer bytes than an fp32 matmul, which is what a one-row decode step is bound by:
+miaotui's native GEMV kernels (``miaotui.kernels``: fp32 activations, exact up to summation order) where
+they build, else PyTorch's (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``: bf16 activations).
+With many rows (prefill, large batches) the matmul is compute-bound and dequantize-then-fp32-matmul wins.
+The crossover row count depends on the CPU and the shape, so it is measured once per shape (a few ms) and
+cached for the process.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ def _time(fn: Callable[[], object], reps: int = 5) -> float:
 
 
 def packed_rows_limit(key: tuple, packed: Callable[[torch.Tensor], object],
-                      reference: Callable[[torch.Tensor], object], in_features: int) -> int:
-    """Largest row count (0 = none) up to which ``packed(x)`` beats ``reference(x)``; cached by ``key``."""
+                      reference: Callable[[torch.Tensor], object], in_features: int, assume: int = 0) -> int:
+    """Largest row count (0 = none) up to which ``packed(x)`` beats ``reference(x)``; cached by ``key``.
+
+    ``assume``: a row count known to favour the packed kernel (it reads the weights once, the reference
+    dequantizes all of them first), so only larger counts are timed and noise cannot turn decode off."""
     if key not in _crossover:
-        limit = 0
+        limit = assume
         with torch.inference_mode():
-            for rows in ROW_BUCKETS:
+            for rows in (r for r in ROW_BUCKETS if r > assume):
                 x = torch.randn(rows, in_features)
                 try:
                     faster = _time(lambda: packed(x)) < _time(lambda: reference(x))
@@ -59,9 +64,43 @@ def faster_at(key: tuple, candidate: Callable[[torch.Tensor], object], reference
     return bool(_crossover[key])
 
 
+NATIVE_ASSUMED_ROWS = 4  # the native kernels take 4 activation rows per pass over the weights
+
+
+def native_supported(weight: torch.Tensor) -> bool:
+    """Whether miaotui's native GEMV kernels can run on ``weight`` (CPU, built and loaded; see ``miaotui.kernels``)."""
+    if weight.device.type != "cpu":
+        return False
+    from miaotui import kernels as native
+
+    return native.available()
+
+
+def native_faster(key: tuple, native_fn: Callable[[torch.Tensor], object],
+                  torch_fn: Callable[[torch.Tensor], object], in_features: int) -> bool:
+    """Whether the native kernel beats PyTorch's packed one on a one-row input (True if PyTorch's refuses
+    the shape); cached by ``key``. On AVX2-only CPUs the native kernels win by 1.5-2x; PyTorch's are
+    built for AVX-512 and can win there."""
+    if key not in _crossover:
+        with torch.inference_mode():
+            x = torch.randn(1, in_features)
+            try:
+                t_torch = _time(lambda: torch_fn(x))
+            except RuntimeError:
+                t_torch = float("inf")
+            _crossover[key] = int(_time(lambda: native_fn(x)) <= t_torch)
+    return bool(_crossover[key])
+
+
 def int8pack_supported() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
 def int4pack_supported() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def fbgemm_linear_supported() -> bool:
+    """FBGEMM's int8 linear with fp32 output (x86 builds of PyTorch)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+        torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")

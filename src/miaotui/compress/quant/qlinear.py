@@ -4,9 +4,10 @@
 - ``Int4Linear``: weight-only int4, group-wise, asymmetric (symmetric codes are stored with zero = 8).
 - ``W8A8Linear``: int8 weights and int8 activations quantized per token at run time (SmoothQuant target).
 
-Buffers named here are the checkpoint format (portable, kernel-independent). ``prepare()`` builds what the
-fastest kernel for this machine wants (see ``kernels.py``) and decides, per shape, up to how many rows the
-packed kernel beats dequantize-then-matmul.
+Buffers named here are the checkpoint format (portable, kernel-independent). ``prepare()`` picks the
+fastest packed kernel for this machine (see ``kernels.py``): miaotui's native GEMV kernels read these
+buffers as they are; PyTorch's (the fallback) get their own layout built here. It then decides, per shape,
+up to how many rows the packed kernel beats dequantize-then-matmul.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miaotui import kernels as native
 from miaotui.compress.quant import kernels
 from miaotui.compress.quant.pack import pack_int4, unpack_int4
 from miaotui.compress.quant.qtensor import QuantizedWeight
@@ -34,6 +36,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.packed_rows = 0  # inputs with at most this many rows take the packed kernel
+        self.native = False  # the packed kernel is miaotui's native one (else PyTorch's)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
@@ -50,7 +53,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, " \
-               f"packed_rows<={self.packed_rows}"
+               f"packed_rows<={self.packed_rows}{' (native)' if self.native else ''}"
 
 
 class Int8Linear(QuantLinear):
@@ -78,15 +81,32 @@ class Int8Linear(QuantLinear):
 
     def prepare(self) -> None:
         self.scale_bf16 = self.scale.to(torch.bfloat16)
-        if kernels.int8pack_supported() and self.qweight.device.type == "cpu":
+        self.packed_rows, self.native = 0, False
+        torch_ok = kernels.int8pack_supported() and self.qweight.device.type == "cpu"
+        if kernels.native_supported(self.qweight):
+            # where PyTorch's kernel is fast too (AVX-512 builds), the faster of the two on one row decides
+            self.native = not torch_ok or kernels.native_faster(
+                ("int8-native-vs-torch", self.out_features, self.in_features), self._native_mm,
+                self._torch_mm, self.in_features)
+        if self.native:
+            key = ("int8-native", self.out_features, self.in_features)
+            self.packed_rows = kernels.packed_rows_limit(key, self._packed, self._dense, self.in_features,
+                                                         assume=kernels.NATIVE_ASSUMED_ROWS)
+        elif torch_ok:
             key = ("int8", self.out_features, self.in_features)
             self.packed_rows = kernels.packed_rows_limit(key, self._packed, self._dense, self.in_features)
 
-    def _packed(self, x: torch.Tensor) -> torch.Tensor:
-        # the kernel is only fast with bf16 activations on CPU; scales ride along in bf16
+    def _native_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return native.int8_gemv(x, self.qweight, self.scale, self.bias)
+
+    def _torch_mm(self, x: torch.Tensor) -> torch.Tensor:
+        # PyTorch's kernel is only fast with bf16 activations on CPU; scales ride along in bf16
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
                                                self.qweight, self.scale_bf16)
         return self._add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        return self._native_mm(x) if self.native else self._torch_mm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._packed(x) if _rows(x) <= self.packed_rows else self._dense(x)
@@ -130,30 +150,56 @@ class Int4Linear(QuantLinear):
         return w.view(self.out_features, self.in_features)
 
     def prepare(self) -> None:
-        # the CPU kernel wants N % 16 == 0 and a group of 32..256; a larger group (per-channel) is the same
-        # math with its scale repeated over smaller kernel groups
         self.kernel_weight = self.kernel_scale_zero = None
-        self.packed_rows = 0
+        self.packed_rows, self.native = 0, False
+        native_ok = self.group_size % native.INT4_GROUP_MULTIPLE == 0 and kernels.native_supported(self.qweight)
+        torch_ok = self._build_torch_layout()
+        if native_ok:
+            # where PyTorch's kernel is fast too (AVX-512 builds), the faster of the two on one row decides;
+            # the native kernel reads qweight/scale/zero as stored, so PyTorch's copy is then dropped
+            self.native = not torch_ok or kernels.native_faster(
+                ("int4-native-vs-torch", self.out_features, self.in_features, self.group_size),
+                self._native_mm, self._torch_mm, self.in_features)
+        if self.native:
+            self.kernel_weight = self.kernel_scale_zero = None
+            # measured from 2 rows: with several rows the int4 kernel turns compute-bound (AVX2: 4 rows
+            # cost about 2.4x one row), so its crossover with dequantize-then-matmul is shape-dependent
+            key = ("int4-native", self.out_features, self.in_features, self.group_size)
+            self.packed_rows = kernels.packed_rows_limit(key, self._packed, self._dense, self.in_features,
+                                                         assume=1)
+        elif torch_ok:
+            key = ("int4", self.out_features, self.in_features, self.kernel_group)
+            self.packed_rows = kernels.packed_rows_limit(key, self._packed, self._dense, self.in_features)
+
+    def _build_torch_layout(self) -> bool:
+        """PyTorch's int4 CPU kernel layout (a second copy of the codes); False where it cannot run."""
+        # it wants N % 16 == 0 and a group of 32..256; a larger group (per-channel) is the same math with its
+        # scale repeated over smaller kernel groups
         if not (kernels.int4pack_supported() and self.qweight.device.type == "cpu" and self.out_features % 16 == 0):
-            return
+            return False
         group = next((g for g in INT4_KERNEL_GROUPS if g <= self.group_size and self.group_size % g == 0
                       and self.in_features % g == 0), 0)
         if not group:
-            return
+            return False
         reps = self.group_size // group
         scale = self.scale.repeat_interleave(reps, dim=1)
         zero_fp = (8.0 - self.zero.repeat_interleave(reps, dim=1)) * scale  # kernel: (q - 8) * s + z_fp
         self.kernel_group = group
         self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
         self.kernel_scale_zero = torch.stack([scale.t(), zero_fp.t()], dim=-1).contiguous().to(torch.bfloat16)
-        key = ("int4", self.out_features, self.in_features, group)
-        self.packed_rows = kernels.packed_rows_limit(key, self._packed, self._dense, self.in_features)
+        return True
 
-    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+    def _native_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return native.int4_gemv(x, self.qweight, self.scale, self.zero, self.group_size, self.bias)
+
+    def _torch_mm(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
                                                        self.kernel_weight, self.kernel_group,
                                                        self.kernel_scale_zero)
         return self._add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        return self._native_mm(x) if self.native else self._torch_mm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._packed(x) if _rows(x) <= self.packed_rows else self._dense(x)
@@ -172,17 +218,52 @@ class W8A8Linear(QuantLinear):
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
         self.use_int_mm = False
+        self.use_fbgemm = False
+        self._fbgemm_weight = None  # fbgemm's packed weight (not a tensor: never saved)
 
     from_quantized = classmethod(Int8Linear.from_quantized.__func__)
     dequantize = Int8Linear.dequantize
 
     def prepare(self) -> None:
         # torch._int_mm only pays off with VNNI/AMX int8 dot products; otherwise the same integer math runs
-        # in fp32 (exact while a dot product stays below 2^24, within fp32 rounding beyond)
+        # in fp32 (exact while a dot product stays below 2^24, within fp32 rounding beyond): for a few rows
+        # in the native int8 GEMV, which reads the int8 weights instead of converting them all first
+        self.native = kernels.native_supported(self.qweight)
+        self.packed_rows = kernels.NATIVE_ASSUMED_ROWS if self.native else 0
         key = ("w8a8", self.out_features, self.in_features)
         self.use_int_mm = self.qweight.device.type == "cpu" and kernels.faster_at(
             key, lambda x: self._int_forward(x, True), lambda x: self._int_forward(x, False),
             self.in_features, rows=64)
+        self.use_fbgemm = False
+        if self._pack_fbgemm():
+            reference = lambda x: self._int_forward(x, self.use_int_mm)  # noqa: E731
+            self.use_fbgemm = kernels.faster_at(key + ("fbgemm", self.use_int_mm), self._fbgemm_forward, reference,
+                                                self.in_features, rows=256)
+
+    def _pack_fbgemm(self) -> bool:
+        """FBGEMM's u8 x s8 AVX2 kernel (``vpmaddubsw``) adds pairs of products in int16, which saturates
+        unless 2 * 255 * max|w| < 2^15: exact only for weight codes within ±63 (what encoder/quantize.py
+        stores). Activation codes ride as u8 with zero point 128, one scale per token applied after."""
+        self._fbgemm_weight = None
+        if (self.qweight.device.type != "cpu" or not kernels.fbgemm_linear_supported()
+                or int(self.qweight.abs().max()) > 63):
+            return False
+        import warnings
+
+        with warnings.catch_warnings():  # quantized-tensor constructors are deprecated, the fbgemm ops are not
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(),
+                                                          torch.zeros(self.out_features, dtype=torch.long), 0)
+            self._fbgemm_weight = torch.ops.quantized.linear_prepack(qw, None)
+        return True
+
+    def _fbgemm_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()
+        sx = x2.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127.0
+        # quantized with scale 1 and zero point 128: the codes are round(x / s_x) + 128, as _int_forward's
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2 / sx, 1.0, 128, self._fbgemm_weight)
+        y = y * sx
+        return self._add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
 
     @staticmethod
     def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,6 +273,9 @@ class W8A8Linear(QuantLinear):
     def _int_forward(self, x: torch.Tensor, int_mm: bool) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         xq, sx = self.quantize_activations(x2)
+        if _rows(x2) <= self.packed_rows:  # native GEMV: the same integer products, summed in fp32
+            y = native.int8_gemv(xq, self.qweight, self.scale) * sx
+            return self._add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
         if int_mm:
             acc = torch._int_mm(xq.to(torch.int8), self.qweight.t()).float()
         else:
@@ -200,6 +284,8 @@ class W8A8Linear(QuantLinear):
         return self._add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_fbgemm:
+            return self._fbgemm_forward(x)
         return self._int_forward(x, self.use_int_mm)
 
 

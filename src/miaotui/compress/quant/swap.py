@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miaotui.compress.lowrank import FactorizedLinear
 from miaotui.compress.quant.qlinear import Int4Linear, Int8Linear, QuantLinear, W8A8Linear
 from miaotui.compress.quant.qtensor import QuantizedWeight, quantize_rtn
 
@@ -43,7 +44,9 @@ def swap_linears(model: nn.Module, qweights: dict[str, QuantizedWeight], w8a8: b
     return spec
 
 
-def module_spec(m: QuantLinear) -> dict:
+def module_spec(m: QuantLinear | FactorizedLinear) -> dict:
+    if isinstance(m, FactorizedLinear):
+        return m.spec()
     spec = {"kind": m.kind, "in_features": m.in_features, "out_features": m.out_features,
             "bias": m.bias is not None}
     if isinstance(m, Int4Linear):
@@ -51,7 +54,9 @@ def module_spec(m: QuantLinear) -> dict:
     return spec
 
 
-def build_module(spec: dict) -> QuantLinear:
+def build_module(spec: dict) -> QuantLinear | FactorizedLinear:
+    if spec["kind"] == FactorizedLinear.kind:  # low-rank B·A (compress/lowrank.py)
+        return FactorizedLinear.from_spec(spec)
     cls = KINDS[spec["kind"]]
     args = (spec["in_features"], spec["out_features"])
     if cls is Int4Linear:

@@ -1,0 +1,49 @@
+"""Native GEMV kernels for few-row (decode) products: int8, int4 and bf16/fp32 weights, fp32 activations.
+
+``available()`` builds/loads them once (see ``build.py``); the functions below take activations of any
+shape ``[..., in_features]`` and dtype and return the same dtype, like ``F.linear``. They are registered as
+torch custom ops (``torch.ops.miaotui.gemv_*``), so a ``torch.compile``d decode step calls them without a
+graph break.
+
+    >>> if available():
+    ...     y = int8_gemv(x, qweight, scale)        # == F.linear(x, qweight.float() * scale[:, None])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from miaotui.kernels.build import ENV, load as available, loaded_isa
+
+__all__ = ["ENV", "INT4_GROUP_MULTIPLE", "available", "loaded_isa", "int8_gemv", "int4_gemv", "dense_gemv"]
+
+INT4_GROUP_MULTIPLE = 32  # int4 groups must be whole 16-byte blocks of 32 codes (see csrc/gemv.cpp)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).float().contiguous()
+
+
+def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.float().contiguous()
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x · (qweight * scale[:, None])ᵀ + bias; qweight int8 [out, in], scale fp32 [out]."""
+    y = torch.ops.miaotui.gemv_int8(_rows(x), qweight, scale, _bias(bias))
+    return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x · Wᵀ + bias with W = (codes - zero) * scale per group; qweight uint8 [out, in/2] in the portable
+    layout of ``compress/quant/pack.py``, scale and zero fp32 [out, in/group_size]; group_size % 32 == 0."""
+    y = torch.ops.miaotui.gemv_int4(_rows(x), qweight, scale, zero, group_size, _bias(bias))
+    return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x · weightᵀ + bias for a bf16 or fp32 weight [out, in], accumulated in fp32."""
+    y = torch.ops.miaotui.gemv_dense(_rows(x), weight, _bias(bias))
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,143 @@
+"""Compile (once per machine, cached by PyTorch) and load the native GEMV kernels in ``csrc/``.
+
+The kernels are built for the SIMD level this CPU has (AVX-512, else AVX2 + FMA), so the build happens at
+run time with ``torch.utils.cpp_extension.load``: the first use pays about a minute of compiling, later
+processes load the cached library in milliseconds. Anything that stops it (no compiler, no AVX2, an
+unsupported platform, ``MIAOTUI_NATIVE=0``) leaves PyTorch's own kernels in place, with one log line.
+
+Environment: ``MIAOTUI_NATIVE=0`` disables the native kernels; ``MIAOTUI_NATIVE=avx2`` builds the AVX2
+variant even on an AVX-512 CPU (for comparison).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+from miaotui.cpu import cpu_flags
+
+log = logging.getLogger("miaotui.kernels")
+
+ENV = "MIAOTUI_NATIVE"
+SOURCES = [Path(__file__).parent / "csrc" / "gemv.cpp"]
+_COMMON = ["-O3", "-std=c++17", "-fno-math-errno"]
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+}
+_ISA_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}, "avx2": {"avx2", "fma", "f16c"}}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # ok / isa: the build's outcome; fakes: registered; off_logged: last reason
+
+
+def choose_isa() -> tuple[str | None, str]:
+    """(ISA variant to build, or None; why) from the environment and this CPU's flags."""
+    setting = os.environ.get(ENV, "1").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return None, f"{ENV}={setting}"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"no native kernels for {platform.machine()}"
+    flags = cpu_flags()
+    wanted = [setting] if setting in ISA_FLAGS else list(ISA_FLAGS)
+    for isa in wanted:
+        if _ISA_NEEDS[isa] <= flags:
+            return isa, ""
+    return None, f"this CPU lacks {' + '.join(sorted(_ISA_NEEDS[wanted[-1]] - flags))}"
+
+
+def _register_fakes() -> None:
+    """Shapes for tracing (torch.compile, meta tensors): the ops are registered in C++, their fakes here."""
+
+    if _state.get("fakes"):
+        return
+
+    def rows_by_out(x: torch.Tensor, weight: torch.Tensor, *_args) -> torch.Tensor:
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    for op in ("gemv_int8", "gemv_int4", "gemv_dense"):
+        torch.library.register_fake(f"miaotui::{op}")(rows_by_out)
+    _state["fakes"] = True
+
+
+def load() -> bool:
+    """Build/load the kernels once per process; True when ``torch.ops.miaotui.gemv_*`` are usable.
+
+    ``MIAOTUI_NATIVE=0`` is read on every call: it turns the kernels off for modules prepared while it is
+    set, and a later call without it still builds/loads them (only a failed build is remembered)."""
+    isa, why = choose_isa()
+    if isa is None:
+        if _state.get("off_logged") != why:  # one line per reason, not one per module
+            log.warning("miaotui: native GEMV kernels off (%s); using PyTorch's kernels", why)
+            _state["off_logged"] = why
+        return False
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"], _state["isa"] = _load(isa)
+    return bool(_state["ok"])
+
+
+def loaded_isa() -> str | None:
+    """The ISA variant that was loaded (after ``load()``), or None."""
+    return _state.get("isa") if _state.get("ok") else None  # type: ignore[return-value]
+
+
+def _load(isa: str) -> tuple[bool, str | None]:
+    name = f"miaotui_gemv_{isa}"
+    try:
+        from torch.utils import cpp_extension
+
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        if not any(build_dir.glob("*.so")):
+            log.warning("miaotui: compiling native GEMV kernels for %s (first use only, about a minute; cached in %s)",
+                        isa, build_dir)
+        cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=_COMMON + ISA_FLAGS[isa],
+                           is_python_module=False, verbose=False)
+        _register_fakes()
+        bad = _self_check()
+        if bad:
+            log.warning("miaotui: native GEMV kernels (%s) disagree with the reference on %s; using PyTorch's "
+                        "kernels", isa, bad)
+            return False, None
+    except Exception as e:  # a missing compiler or headers surfaces as many exception types  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("miaotui: native GEMV kernels unavailable (%s: %s); using PyTorch's kernels",
+                    type(e).__name__, first[:200])
+        return False, None
+    return True, isa
+
+
+def _self_check() -> str | None:
+    """Run each op once on small odd shapes against an fp64 reference; the name of the first that is off.
+
+    A build for an instruction set this project's tests never ran on (AVX-512 on an AVX2 development
+    machine) must not silently return wrong numbers, so every process checks before using the kernels."""
+    from miaotui.compress.quant.pack import pack_int4
+
+    g = torch.Generator().manual_seed(0)
+    rows, out_f, in_f, group = 3, 37, 160, 32
+    x = torch.randn(rows, in_f, generator=g)
+    bias = torch.randn(out_f, generator=g)
+    q8 = torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8)
+    s8 = torch.rand(out_f, generator=g) + 0.5
+    q4 = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8)
+    s4 = torch.rand(out_f, in_f // group, generator=g) + 0.5
+    z4 = torch.randint(0, 16, (out_f, in_f // group), generator=g).float()
+    w4 = (q4.double().view(out_f, -1, group) - z4.double()[..., None]) * s4.double()[..., None]
+    dense = torch.randn(out_f, in_f, generator=g)
+    cases = {
+        "int8": (torch.ops.miaotui.gemv_int8(x, q8, s8, bias), q8.double() * s8.double()[:, None]),
+        "int4": (torch.ops.miaotui.gemv_int4(x, pack_int4(q4), s4, z4, group, bias), w4.reshape(out_f, in_f)),
+        "fp32": (torch.ops.miaotui.gemv_dense(x, dense, bias), dense.double()),
+        "bf16": (torch.ops.miaotui.gemv_dense(x, dense.bfloat16(), bias), dense.bfloat16().double()),
+    }
+    for name, (got, w) in cases.items():
+        want = x.double() @ w.t() + bias.double()
+        if not torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+            return name
+    return None
