@@ -693,3 +693,21 @@ def test_k_quants_on_a_real_file():
             torch.testing.assert_close(got.reshape(-1), hf_dequantize(raw, int(t.tensor_type)))
         checked += 1
     assert checked > 0
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0], ids=lambda t: t.name)
+def test_f32_copy_for_llama_cpp_holds_the_same_weights(files, tmp_path, qtype):
+    """`miaotui bench`'s llama.cpp:f32 peer runs an F32 copy: same tensors (dequantized), same config and
+    tokenizer metadata, so both engines run identical weights."""
+    from miaotui.bench.gguf_f32 import f32_gguf
+
+    src = write_gguf(tmp_path / "q.gguf", files["llama"][1], qtype)
+    dst = f32_gguf(src, tmp_path / "cache")
+    assert f32_gguf(src, tmp_path / "cache") == dst  # cached: written once
+    assert gguf_tensor_types(dst) == {"F32": gguf_tensor_types(src)["F32"] + gguf_tensor_types(src)[qtype.name]}
+    cfg_q, sd_q = load_gguf(src)
+    cfg_f, sd_f = load_gguf(dst)
+    assert cfg_f == cfg_q and sd_f.keys() == sd_q.keys()
+    for name in sd_q:
+        assert torch.equal(sd_f[name], sd_q[name]), name
+    assert gguf.GGUFReader(dst).fields["general.file_type"].contents() == int(gguf.LlamaFileType.ALL_F32)

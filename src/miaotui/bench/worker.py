@@ -27,6 +27,13 @@ def make_engine(spec: str, model: str | None, threads: int, compile: bool):
     if kind == "llama.cpp":
         from miaotui.bench.llamacpp import LlamaCppEngine
 
+        if dtype == "f32":  # the same weights as miaotui's fp32 engine: an F32 copy of the GGUF file
+            from miaotui.bench.gguf_f32 import f32_gguf
+            from miaotui.defaults import default_model_path
+
+            model = str(f32_gguf(model or default_model_path()))
+        elif dtype:
+            raise ValueError(f"unknown llama.cpp variant {spec!r} (llama.cpp: the file as is; llama.cpp:f32)")
         return LlamaCppEngine(model, threads)
     raise ValueError(f"unknown engine {spec!r}")
 

@@ -10,7 +10,8 @@ one JSON line.
 engines: miaotui:fp32, miaotui:bf16 (append @PATH to run one on another model, e.g. a compressed checkpoint:
 miaotui:fp32@out/int4; append +compile to compile one of them, e.g. miaotui:bf16+compile, to
 compare compiled and eager in one run), hf:fp32, hf:bf16 (transformers `generate`), llama.cpp (the GGUF file
-through llama-cpp-python; install the `peers` extra, skipped with a note when absent).
+through llama-cpp-python; install the `peers` extra, skipped with a note when absent), llama.cpp:f32 (an F32
+copy of the GGUF, written once with the gguf package: the same weights as miaotui:fp32).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from miaotui.errors import MiaotuiError
 
-DEFAULT_ENGINES = "miaotui:fp32,miaotui:bf16,hf:fp32,hf:bf16,llama.cpp"
+DEFAULT_ENGINES = "miaotui:fp32,miaotui:bf16,hf:fp32,hf:bf16,llama.cpp,llama.cpp:f32"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -75,7 +76,7 @@ def _cannot_run(spec: str, model: str | None) -> str | None:
     model = spec.partition("@")[2] or model
     if spec.startswith("hf") and model and (Path(model) / "manifest.json").is_file():
         return "transformers cannot load a miaotui checkpoint (write one it can with compress --export hf)"
-    if spec == "llama.cpp":
+    if spec.startswith("llama.cpp"):
         if importlib.util.find_spec("llama_cpp") is None:
             return "llama-cpp-python is not installed (pip install 'miaotui[peers]')"
         if model and not model.endswith(".gguf"):

@@ -52,7 +52,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-r", "--recipe", default="int4-gptq", metavar="NAME|FILE",
                    help=f"a built-in recipe ({', '.join(BUILTIN)}) or a YAML recipe file (default: int4-gptq)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write the checkpoint to")
-    g = p.add_argument_group("calibration (GPTQ, AWQ, SmoothQuant)")
+    g = p.add_argument_group("calibration (GPTQ, AWQ, SmoothQuant, Wanda, SparseGPT, structured pruning, low-rank, distill)")
     g.add_argument("--calib", metavar="FILE", help="text file to calibrate on (default: data-free, self-generated)")
     g.add_argument("--calib-samples", type=int, metavar="N",
                    help="calibration sequences (default: 128 from a file, fewer self-generated ones)")

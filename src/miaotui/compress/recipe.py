@@ -71,7 +71,8 @@ class Context:
         self.loaded.config.update(changes)
 
     def teacher(self) -> Any:
-        """The uncompressed source model (a LoadedModel, fp32, eval mode), loaded once on first use."""
+        """The uncompressed source (a LoadedModel, or a LoadedEncoder for encoders; fp32), loaded once on first
+        use from the path the model being compressed came from (distillation's teacher)."""
         if self._teacher is None:
             from miaotui.loading import load
 

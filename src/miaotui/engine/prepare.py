@@ -4,11 +4,15 @@
 - bf16 on a CPU without native bf16 dot products (no AVX512-BF16/AMX): weights stay bf16, so a decode step
   reads half the bytes of fp32, but inputs of many rows (prefill, batches) are multiplied in fp32, where
   emulated bf16 matmuls are ~6x slower. One-row decode keeps the bf16 kernel (it is bandwidth-bound).
-- Few-row products (decode) of bf16/fp32 linears run miaotui's native GEMV where it builds
-  (``miaotui.kernels``: fp32 accumulation, about twice MKL's bytes/s here); more rows keep the above.
+- ``MIAOTUI_NATIVE_DENSE=1``: few-row products (decode) of bf16/fp32 linears run miaotui's native GEMV where
+  it builds and measured faster on one row (``miaotui.kernels``). Opt-in: its 2x per-layer gain at one
+  thread did not show end to end at two threads, and compiled bf16 decode measured 23 vs 28 tok/s with it
+  (docs/BENCHMARKS.md). Quantized linears choose their native kernel by measurement regardless.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -54,5 +58,6 @@ def prepare_for_inference(model: CausalLM) -> CausalLM:
     if model.device.type == "cpu" and isinstance(head, nn.Linear) and head.weight.dtype == torch.bfloat16 \
             and has_native_bf16() is False:
         upcast_many_row_matmuls(model)
-    use_native_gemv(model, {nn.Linear: GemvLinear, UpcastLinear: GemvUpcastLinear})
+    if os.environ.get("MIAOTUI_NATIVE_DENSE") == "1":  # opt-in: see the docstring
+        use_native_gemv(model, {nn.Linear: GemvLinear, UpcastLinear: GemvUpcastLinear})
     return model
