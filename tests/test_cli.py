@@ -233,3 +233,25 @@ def test_device_choice_is_checked():
     if not torch.cuda.is_available():
         with pytest.raises(MiaotuiError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_compress_chain_records_each_steps_quality(hf_folder, capsys, tmp_path):
+    """With --eval, a multi-step recipe records perplexity/KLD/top-1 after every step in the manifest, and
+    the last step's figures equal the final report's."""
+    path, _ = hf_folder("llama-gqa-untied")
+    data = tmp_path / "eval.txt"
+    data.write_text("The capital of France is Paris. Hello world, hello there! " * 40)
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text("steps:\n  - prune-layers: {count: 1}\n"
+                      "  - quantize: {method: rtn, bits: 8, group_size: null, symmetric: true}\n")
+    out = tmp_path / "ck"
+    code, _, _ = run_cli(capsys, "compress", "-m", str(path), "--recipe", str(recipe), "--output", str(out),
+                         "--calib", str(data), "--calib-len", "32", "--calib-samples", "4",
+                         "--eval", "--data", str(data), "--ctx", "64", "--windows", "2")
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    records = manifest["recipe"]["records"]
+    assert [r["step"] for r in records] == ["prune-layers", "quantize"]
+    assert all({"perplexity", "kld_mean", "top1_agreement"} <= r["quality"].keys() for r in records)
+    assert records[0]["quality"]["kld_mean"] > 0  # a layer is gone: the model differs from its source
+    assert records[-1]["quality"]["perplexity"] == pytest.approx(manifest["quality"]["perplexity"], rel=1e-3)

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         reference = compute_reference(loaded.model, windows, progress=progress)
     ctx = Context(loaded, Calibration(args.calib, args.calib_samples, args.calib_len, args.seed), progress=True)
     if args.eval and len(recipe["steps"]) > 1:  # a chain: record what each step cost on the way
-        ctx.step_eval = lambda lm: _step_quality(lm, windows, reference)
+        ctx.step_eval = lambda lm, w=windows, r=reference: _step_quality(lm, w, r)
     log(f"recipe {recipe['name']}: {json.dumps(recipe['steps'])}")
     records = run_recipe(ctx, recipe)
     recipe_record = {**recipe, "records": records}
