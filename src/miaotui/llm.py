@@ -54,7 +54,6 @@ class LLM:
         one-off compilation of a minute or more on 2 cores, later runs reuse inductor's on-disk cache).
         ``kv_cache_dtype``: "auto" (the model's dtype) or "int8" (a quarter of fp32's cache memory)."""
         from miaotui.compress.quant.kv import parse_kv_dtype
-
         from miaotui.device import resolve_device
 
         target = resolve_device(device)

@@ -24,7 +24,6 @@ from miaotui.compress.distill.student import blocks, layer_map, match_layers
 
 def run_distill(ctx, params: dict[str, Any]) -> dict[str, Any]:
     from miaotui.compress.recipe import RecipeError
-
     from miaotui.loading.encoder import LoadedEncoder
 
     p = dict(params)
