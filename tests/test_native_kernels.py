@@ -170,7 +170,7 @@ def test_isa_follows_cpu_flags(monkeypatch):
 def test_prepared_dense_models_use_native_gemv(hf_folder, native_preferred, monkeypatch):
     from miaotui.cpu import has_native_bf16
 
-    monkeypatch.setenv("MIAOTUI_NATIVE_DENSE", "1")  # opt-in (see engine/prepare.py)
+    monkeypatch.setenv("MIAOTUI_NATIVE_DENSE", "1")  # the default, whatever the caller's environment
     from miaotui.engine.prepare import GemvUpcastLinear, prepare_for_inference
     from miaotui.kernels.linear import GemvLinear
     from miaotui.loading import build_model

@@ -4,10 +4,10 @@
 - bf16 on a CPU without native bf16 dot products (no AVX512-BF16/AMX): weights stay bf16, so a decode step
   reads half the bytes of fp32, but inputs of many rows (prefill, batches) are multiplied in fp32, where
   emulated bf16 matmuls are ~6x slower. One-row decode keeps the bf16 kernel (it is bandwidth-bound).
-- ``MIAOTUI_NATIVE_DENSE=1``: few-row products (decode) of bf16/fp32 linears run miaotui's native GEMV where
-  it builds and measured faster on one row (``miaotui.kernels``). Opt-in: its 2x per-layer gain at one
-  thread did not show end to end at two threads, and compiled bf16 decode measured 23 vs 28 tok/s with it
-  (docs/BENCHMARKS.md). Quantized linears choose their native kernel by measurement regardless.
+- Few-row products (decode) of bf16/fp32 linears run miaotui's native GEMV where it builds and measured
+  faster on one row (``miaotui.kernels``: both threads stream the weights; PyTorch's one-row GEMV uses one).
+  Compiled fp32 decode 35.9 vs ~23.4 tok/s on the 2-core AVX2 VM (docs/BENCHMARKS.md).
+  ``MIAOTUI_NATIVE_DENSE=0`` keeps PyTorch's kernels for dense linears.
 """
 
 from __future__ import annotations
@@ -58,6 +58,6 @@ def prepare_for_inference(model: CausalLM) -> CausalLM:
     if model.device.type == "cpu" and isinstance(head, nn.Linear) and head.weight.dtype == torch.bfloat16 \
             and has_native_bf16() is False:
         upcast_many_row_matmuls(model)
-    if os.environ.get("MIAOTUI_NATIVE_DENSE") == "1":  # opt-in: see the docstring
+    if os.environ.get("MIAOTUI_NATIVE_DENSE", "1") != "0":  # see the docstring
         use_native_gemv(model, {nn.Linear: GemvLinear, UpcastLinear: GemvUpcastLinear})
     return model
