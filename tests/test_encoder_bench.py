@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 
 import pytest
-from test_bert import TEXTS, folder  # noqa: F401
+from test_bert import TEXTS, folder, sentence_transformers_folder  # noqa: F401
 
 from miaotui.encoder import bench as B
 
@@ -17,17 +16,7 @@ TEXTS8 = TEXTS + ["the capital of france is paris .", "a cat is on the dog", "ma
 
 @pytest.fixture
 def st_path(folder, tmp_path):
-    path, _ = folder("bert")
-    st = tmp_path / "tiny-st"
-    shutil.copytree(path, st)
-    (st / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
-    (st / "1_Pooling").mkdir()
-    (st / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
-                                                               "pooling_mode_mean_tokens": True}))
-    return st
+    return sentence_transformers_folder(folder, tmp_path, {"pooling_mode_mean_tokens": True}, normalize=True)[0]
 
 
 def test_bench_runs_every_engine_and_skips_what_it_cannot(st_path, tmp_path, monkeypatch, capsys):

@@ -5,7 +5,6 @@ on a tiny random BERT saved here (and on the real all-MiniLM-L6-v2, slow); embed
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +12,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from test_bert import TEXTS, folder  # noqa: F401
+from test_bert import TEXTS, folder, sentence_transformers_folder  # noqa: F401
 from test_server import Running
 
 from miaotui.cli.main import main
@@ -26,17 +25,8 @@ LONG = " ".join(["the cat sat on the mat ."] * 12)  # more than the tiny model's
 @pytest.fixture(scope="module")
 def st_path(folder, tmp_path_factory):
     """The tiny BERT in sentence-transformers layout (mean pooling, normalised)."""
-    path, _ = folder("bert")
-    st = tmp_path_factory.mktemp("st") / "tiny-st"
-    shutil.copytree(path, st)
-    (st / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
-    (st / "1_Pooling").mkdir()
-    (st / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
-                                                               "pooling_mode_mean_tokens": True}))
-    return st
+    return sentence_transformers_folder(folder, tmp_path_factory.mktemp("st"), {"pooling_mode_mean_tokens": True},
+                                        normalize=True)[0]
 
 
 @pytest.fixture(scope="module")
