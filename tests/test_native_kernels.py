@@ -41,6 +41,24 @@ def test_int8_gemv_equals_dequantized_matmul(shape, rows):
     close(kernels.int8_gemv(x, q, scale), ref - bias.double())
 
 
+@pytest.mark.parametrize("group", [16, 32, 96])
+@pytest.mark.parametrize("rows", ROWS)
+def test_grouped_int8_gemv_equals_dequantized_matmul(group, rows):
+    n, k = 37, 192
+    g = gen(group * 10 + rows)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, k // group, generator=g) + 0.01
+    bias, x = torch.randn(n, generator=g), torch.randn(rows, k, generator=g)
+    w = (q.double().view(n, -1, group) * scale.double()[..., None]).reshape(n, k)
+    close(kernels.int8_gemv(x, q, scale, bias), F.linear(x.double(), w, bias.double()))
+
+
+def test_grouped_int8_needs_whole_vector_groups():
+    q = torch.zeros(4, 96, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernels.int8_gemv(torch.randn(1, 96), q, torch.ones(4, 12))  # groups of 8 columns
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", ODD_SHAPES)
 @pytest.mark.parametrize("rows", ROWS)
@@ -216,7 +234,7 @@ def test_compiled_decode_with_native_quantized_linears_equals_eager(hf_folder, n
     assert kinds == {"Int8Linear", "Int4Linear"}
     model.setup_cache(batch=1, max_seq_len=32)
     ids = torch.tensor([[5, 17, 42, 99, 7]])
-    runner = Runner(model, compile=True)
+    runner = Runner(model, compile=True, native=False)  # the compiled graph, not the fused native step
     with torch.no_grad():
         runner.prefill(ids)
         token = torch.tensor([[11]])

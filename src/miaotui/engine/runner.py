@@ -1,7 +1,10 @@
 """Forward passes for generation: eager prefill, and a decode step that can be compiled.
 
 The compiled decode takes its position as a tensor, so one graph serves every step (an int position
-would be a new constant, hence a recompile, at each token).
+would be a new constant, hence a recompile, at each token). On the fast path (``compile=True``) a single
+sequence on CPU decodes with the fused native step instead where it covers the model
+(``kernels/decode_plan.py``): one C++ call per token, no Python per layer; the compiled graph serves the
+rest (batches, other architectures, int8 KV caches).
 """
 
 from __future__ import annotations
@@ -10,13 +13,19 @@ import time
 
 import torch
 
+from miaotui.kernels.decode_plan import NativeDecode
 from miaotui.models import CausalLM
 
 
 class Runner:
-    def __init__(self, model: CausalLM, compile: bool = False, mode: str | None = None):
+    def __init__(self, model: CausalLM, compile: bool = False, mode: str | None = None,
+                 native: bool | None = None):
         self.model = model
         self.compiled = compile
+        self.native = compile if native is None else native  # try the fused native step for one sequence
+        self.native_reason = ""  # why the last build attempt did not apply ("" when it did or none was tried)
+        self._native: NativeDecode | None = None
+        self._native_cache: object = None  # the cache object the last build attempt saw
         self.compile_s = 0.0  # wall time spent compiling (first calls), reported apart from run time
         self._decode_fn = (torch.compile(self._decode_eager, fullgraph=True, dynamic=False, mode=mode)
                            if compile else None)
@@ -31,6 +40,10 @@ class Runner:
 
     def decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """token (B, 1) at position ``pos`` → logits (B, V)."""
+        if self.native and token.shape[0] == 1:
+            step = self._native_step()
+            if step is not None:
+                return step(token, pos)
         if self._decode_fn is None:
             return self.model(token, pos, last_only=True)[:, -1]
         pos_t = torch.tensor(pos, device=token.device)
@@ -41,3 +54,12 @@ class Runner:
             self.compile_s += time.perf_counter() - t0
             return out
         return self._decode_fn(token, pos_t)
+
+    def _native_step(self) -> NativeDecode | None:
+        cache = self.model.attention_layers()[0].kv_cache
+        if cache is not self._native_cache:  # a new cache (or the first call): build the plan for it
+            t0 = time.perf_counter()
+            self._native_cache = cache
+            self._native, self.native_reason = NativeDecode.build(self.model)
+            self.compile_s += time.perf_counter() - t0
+        return self._native

@@ -15,9 +15,11 @@ import torch
 
 from miaotui.kernels.build import ENV, load as available, loaded_isa
 
-__all__ = ["ENV", "INT4_GROUP_MULTIPLE", "available", "loaded_isa", "int8_gemv", "int4_gemv", "dense_gemv"]
+__all__ = ["ENV", "INT4_GROUP_MULTIPLE", "INT8_GROUP_MULTIPLE", "available", "loaded_isa", "int8_group_supported",
+           "int8_gemv", "int4_gemv", "dense_gemv"]
 
 INT4_GROUP_MULTIPLE = 32  # int4 groups must be whole 16-byte blocks of 32 codes (see csrc/gemv.cpp)
+INT8_GROUP_MULTIPLE = 16  # grouped int8 scales: groups of whole vectors (16 lanes with AVX-512)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -28,9 +30,15 @@ def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.float().contiguous()
 
 
+def int8_group_supported() -> bool:
+    """Whether ``int8_gemv`` takes grouped scales ([out, groups]) here: whenever the kernels load."""
+    return available()
+
+
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x · (qweight * scale[:, None])ᵀ + bias; qweight int8 [out, in], scale fp32 [out]."""
+    """x · (qweight * scale)ᵀ + bias; qweight int8 [out, in]; scale fp32 [out] (per row) or [out, groups]
+    (per group of in / groups columns, a multiple of ``INT8_GROUP_MULTIPLE``)."""
     y = torch.ops.miaotui.gemv_int8(_rows(x), qweight, scale, _bias(bias))
     return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
 

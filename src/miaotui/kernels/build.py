@@ -11,6 +11,7 @@ variant even on an AVX-512 CPU (for comparison).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -24,7 +25,8 @@ from miaotui.cpu import cpu_flags
 log = logging.getLogger("miaotui.kernels")
 
 ENV = "MIAOTUI_NATIVE"
-SOURCES = [Path(__file__).parent / "csrc" / "gemv.cpp"]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "gemv.cpp", CSRC / "decode_step.cpp"]
 # -fopenmp: at::parallel_for is an inline OpenMP region in ATen's headers; compiled without it, the
 # "parallel" loop silently runs on one thread (measured: 14.8 GB/s at 1 and at 2 threads)
 _COMMON = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
@@ -90,7 +92,9 @@ def loaded_isa() -> str | None:
 
 
 def _load(isa: str) -> tuple[bool, str | None]:
-    name = f"miaotui_gemv_{isa}"
+    # PyTorch rebuilds when a source changes, not a header: the name carries a hash of all of csrc/
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(CSRC.iterdir()) if f.is_file())).hexdigest()
+    name = f"miaotui_gemv_{isa}_{digest[:10]}"
     try:
         from torch.utils import cpp_extension
 
@@ -132,9 +136,12 @@ def _self_check() -> str | None:
     s4 = torch.rand(out_f, in_f // group, generator=g) + 0.5
     z4 = torch.randint(0, 16, (out_f, in_f // group), generator=g).float()
     w4 = (q4.double().view(out_f, -1, group) - z4.double()[..., None]) * s4.double()[..., None]
+    s8g = torch.rand(out_f, in_f // group, generator=g) + 0.5
     dense = torch.randn(out_f, in_f, generator=g)
     cases = {
         "int8": (torch.ops.miaotui.gemv_int8(x, q8, s8, bias), q8.double() * s8.double()[:, None]),
+        "int8-grouped": (torch.ops.miaotui.gemv_int8(x, q8, s8g, bias),
+                         (q8.double().view(out_f, -1, group) * s8g.double()[..., None]).reshape(out_f, in_f)),
         "int4": (torch.ops.miaotui.gemv_int4(x, pack_int4(q4), s4, z4, group, bias), w4.reshape(out_f, in_f)),
         "fp32": (torch.ops.miaotui.gemv_dense(x, dense, bias), dense.double()),
         "bf16": (torch.ops.miaotui.gemv_dense(x, dense.bfloat16(), bias), dense.bfloat16().double()),
