@@ -93,6 +93,25 @@ def test_native_step_grouped_int8(hf_folder, native_preferred):
     steps_agree(model, tol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama-gqa-untied", "mistral-sliding"])
+@pytest.mark.parametrize("fmt", ["fp32", "int4"])
+def test_several_tokens_in_one_call_equal_the_model_forward(hf_folder, native_preferred, arch, fmt):
+    """A speculative verify: T tokens at pos .. pos+T-1 attend causally to the cache and to each other."""
+    model = tiny(hf_folder, arch)
+    if fmt == "int4":
+        quantize_all(model, 4, 32)
+    prepare_for_inference(model)
+    model.setup_cache(batch=1, max_seq_len=64)
+    step, why = NativeDecode.build(model)
+    assert step is not None, why
+    block = torch.tensor([[11, 250, 3, 64, 99, 7]])
+    with torch.inference_mode():
+        model(torch.tensor([PROMPT * 2]), 0)  # 16 cached positions: the window (16) cuts into them
+        native = step(block, 16)
+        ref = model(block, 16)[0]
+    torch.testing.assert_close(native, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
+
+
 def test_native_step_bf16_weights_and_cache(hf_folder):
     """bf16 weights and a bf16 cache: the step computes in fp32 from them (the eager model rounds every
     activation to bf16), so the reference is the same bf16-rounded weights in an fp32 model, no cache."""
@@ -166,9 +185,12 @@ def test_where_it_does_not_apply_the_runner_falls_back(hf_folder, monkeypatch, c
 
 
 def test_a_position_outside_the_cache_is_refused(hf_folder):
+    """One position past the end, or a block that would run past it."""
     model = tiny(hf_folder, "llama-gqa-untied")
     prepare_for_inference(model)
     model.setup_cache(batch=1, max_seq_len=16)
     step, _ = NativeDecode.build(model)
     with pytest.raises(RuntimeError, match="outside the KV cache"):
         step(torch.tensor([[1]]), 16)
+    with pytest.raises(RuntimeError, match="outside the KV cache"):
+        step(torch.tensor([[1, 2, 3]]), 14)

@@ -16,7 +16,7 @@ draft) have a one-hot q, so they need no distribution of their own.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -217,6 +217,17 @@ def _target_probs(logits: torch.Tensor, params: SamplingParams, history: torch.T
     return filtered_probs(logits, params, seen)
 
 
+def _verifier(target: CausalLM) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """(ids (1, T), start) → logits (T, V): the fused native step where it covers the target (one C++
+    call instead of a Python forward: kernels/decode_plan.py), else the model's own forward."""
+    from miaotui.kernels.decode_plan import NativeDecode
+
+    native, _ = NativeDecode.build(target)
+    if native is not None:
+        return native
+    return lambda ids, start: target(ids, start)[0]
+
+
 @torch.inference_mode()
 def speculative_generate_tokens(
     target: CausalLM,
@@ -244,6 +255,7 @@ def speculative_generate_tokens(
     stats.extra["spec"] = spec
     stats.prompt_tokens, stats.completion_tokens, stats.finish_reason = n, 0, "length"
 
+    verify = _verifier(target)
     t0 = time.perf_counter()
     t_first = None
     vocab = None  # known from the first logits; drafts must be ids the target has
@@ -262,7 +274,7 @@ def speculative_generate_tokens(
         drafts, pos = tokens[:k], len(seq)
         q = proposal.probs[:k + 1] if proposal.probs is not None and not params.greedy else None
         history[pos:pos + k] = torch.tensor(drafts, dtype=torch.long)
-        logits = target(history[pos - 1:pos + k].unsqueeze(0), pos - 1)[0]  # (k+1, V)
+        logits = verify(history[pos - 1:pos + k].unsqueeze(0), pos - 1)  # (k+1, V)
         vocab = logits.shape[-1]
         p = _target_probs(logits, params, history, pos, k)
         out = verify_proposal(p, drafts, q, params.greedy, generator)

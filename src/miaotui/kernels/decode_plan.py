@@ -59,7 +59,8 @@ def enabled() -> bool:
 
 
 class NativeDecode:
-    """``__call__(token (1, 1), pos) → logits (1, V)`` in fp32: one decode step of the whole model in C++."""
+    """``__call__(ids (1, T), pos) → logits (T, V)`` in fp32: T tokens of one sequence through the whole
+    model in one C++ call (T = 1: a decode step; a few: a speculative verify)."""
 
     def __init__(self, model: nn.Module, plan: torch.ScriptObject, cache: object):
         self.model, self.plan = model, plan
@@ -117,6 +118,8 @@ class NativeDecode:
         return self.model.model.layers[0].self_attn.kv_cache is self.cache
 
     @torch.inference_mode()
-    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        x = self.model.model.embed_tokens(token.reshape(1, 1)).reshape(-1).float().contiguous()
+    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """ids (1, T) at positions pos .. pos + T - 1 → logits (T, V) fp32: T = 1 is a decode step
+        (logits (1, V), as ``Runner.decode`` returns for one sequence); T > 1 a speculative verify."""
+        x = self.model.model.embed_tokens(ids.reshape(1, -1)).reshape(ids.numel(), -1).float().contiguous()
         return self.plan.step(x, int(pos))

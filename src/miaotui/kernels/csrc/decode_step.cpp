@@ -4,8 +4,8 @@
 // A compiled PyTorch step still runs ~400 Python-level calls per token (the inductor wrapper, guards, and
 // a fork/join per GEMV and per attention matmul): 5-6 ms of a 12 ms int4 step on this 2-core machine. Here
 // the whole layer stack runs inside a single OpenMP region: the GEMVs split their output tiles between
-// the threads, attention splits its heads, the small vector ops (norms, RoPE, SiLU, residuals) run on one
-// thread, and barriers separate the stages. The arithmetic is the model's own (fp32 activations; weights
+// the threads, attention splits its heads, every thread computes the small vector ops (norms, RoPE, SiLU,
+// residuals) for itself, and five barriers per layer separate the stages. The arithmetic is the model's own (fp32 activations; weights
 // read by the GEMV kernels of gemv_kernels.h), so logits equal the PyTorch path up to fp32 summation order.
 //
 // The plan is built once per KV cache from Python (kernels/decode_plan.py), which refuses anything it does
@@ -43,10 +43,15 @@ struct Layer {
 
 inline float cache_load(const float* p) { return *p; }
 inline float cache_load(const c10::BFloat16* p) { return static_cast<float>(*p); }
-inline void cache_store(float* p, float v) { *p = v; }
-inline void cache_store(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }  // round to nearest even
 
 inline vf cache_vload(const float* p) { return vload(p); }
+inline void vstore(float* p, vf v) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  _mm512_storeu_ps(p, v);
+#else
+  _mm256_storeu_ps(p, v);
+#endif
+}
 inline vf cache_vload(const c10::BFloat16* p) { return load_w(reinterpret_cast<const uint16_t*>(p)); }
 
 // q · k over D values (D % kLanes == 0, checked when the plan is built)
@@ -152,159 +157,181 @@ class DecodePlan : public torch::CustomClassHolder {
     head_ = head;
   }
 
+  // x: the embedded tokens [M, C] (or [C]) at positions pos .. pos + M - 1 → logits [M, V]. M > 1 is a
+  // speculative verify: row m attends to the cache before `pos` and to rows 0..m of this call.
   at::Tensor step(const at::Tensor& x_in, int64_t pos) {
     TORCH_CHECK(!layers_.empty() && head_ >= 0, "the plan has no layers or no head");
-    TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.is_contiguous() && x_in.numel() == C_,
-                "x: contiguous fp32 hidden state of ", C_, " values");
-    const int64_t S = layers_[0].k.size(2);
-    TORCH_CHECK(pos >= 0 && pos < S && pos < cos_.size(0), "position ", pos, " is outside the KV cache (", S, ")");
-    if (layers_[0].k.scalar_type() == at::kFloat) return run<float>(x_in, pos);
-    return run<c10::BFloat16>(x_in, pos);
+    TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.is_contiguous() && x_in.numel() % C_ == 0 &&
+                    x_in.numel() > 0, "x: contiguous fp32 hidden states of ", C_, " values each");
+    const int64_t M = x_in.numel() / C_, S = layers_[0].k.size(2);
+    TORCH_CHECK(pos >= 0 && pos + M <= S && pos + M <= cos_.size(0), "positions ", pos, "..", pos + M - 1,
+                " are outside the KV cache (", S, ")");
+    if (layers_[0].k.scalar_type() == at::kFloat) return run<float>(x_in, M, pos);
+    return run<c10::BFloat16>(x_in, M, pos);
   }
 
  private:
+  // What each thread keeps to itself: the residual stream and every small vector op are computed by all
+  // threads redundantly (a few microseconds) rather than by one thread behind two barriers.
+  struct Scratch {
+    std::vector<float> x, h, act, q, kv, scores, xp, xs;
+  };
+
   // the product y = W · in for one linear: this thread's share of the output tiles
-  void gemv(const Linear& l, const float* in, float* out, int tid, int nth) const {
+  static void gemv(const Linear& l, const float* in, int64_t M, const Scratch& sc, float* out, int tid,
+                   int nth) {
     const int64_t tiles = tiles_of(l.N), t0 = tiles * tid / nth, t1 = tiles * (tid + 1) / nth;
     const float* bias = l.bias.defined() ? l.bias.data_ptr<float>() : nullptr;
     switch (l.kind) {
-      case kF32: dense_tiles<float>(in, 1, l.K, l.w.data_ptr<float>(), l.N, nullptr, 0, bias, out, t0, t1); break;
+      case kF32: dense_tiles<float>(in, M, l.K, l.w.data_ptr<float>(), l.N, nullptr, 0, bias, out, t0, t1); break;
       case kBF16:
-        dense_tiles<uint16_t>(in, 1, l.K, reinterpret_cast<const uint16_t*>(l.w.data_ptr()), l.N, nullptr, 0,
+        dense_tiles<uint16_t>(in, M, l.K, reinterpret_cast<const uint16_t*>(l.w.data_ptr()), l.N, nullptr, 0,
                               bias, out, t0, t1);
         break;
       case kInt8:
-        dense_tiles<int8_t>(in, 1, l.K, l.w.data_ptr<int8_t>(), l.N, l.scale.data_ptr<float>(), l.G, bias, out,
+        dense_tiles<int8_t>(in, M, l.K, l.w.data_ptr<int8_t>(), l.N, l.scale.data_ptr<float>(), l.G, bias, out,
                             t0, t1);
         break;
       default: {
-        const Int4Args a{xp_.data(), xs_.data(), l.K, l.N, l.G, l.group, l.w.data_ptr<uint8_t>(),
+        const Int4Args a{sc.xp.data(), sc.xs.data(), l.K, l.N, l.G, l.group, l.w.data_ptr<uint8_t>(),
                          l.scale.data_ptr<float>(), l.zero.data_ptr<float>(), bias, out};
-        int4_tiles(a, 1, t0, t1);
+        int4_tiles(a, M, t0, t1);
       }
     }
   }
 
-  // what a linear's kernel needs of its input before the threads start (int4: the activation layout)
-  void prepare_input(const Linear& l, const float* in) {
+  // what a linear's kernel needs of its input (int4: the activations in kernel order), per thread
+  static void prepare_input(const Linear& l, const float* in, int64_t M, Scratch& sc) {
     if (l.kind != kInt4) return;
-    xp_.resize(int4_xp_size(1, l.K));
-    xs_.resize(int4_xs_size(1, l.K, l.group));
-    int4_activations(in, 1, l.K, l.group, xp_.data(), xs_.data());
+    sc.xp.resize(int4_xp_size(M, l.K));
+    sc.xs.resize(int4_xs_size(M, l.K, l.group));
+    int4_activations(in, M, l.K, l.group, sc.xp.data(), sc.xs.data());
   }
 
+  // This thread's query heads for each of the M new rows: row m (position pos + m) attends to cached
+  // positions [first, pos) and to the new rows 0..m, read from `sc.kv` (the thread's own RoPE'd,
+  // cache-rounded copy) rather than the cache, so no barrier waits for the write.
   template <class T>
-  void attend_heads(const Layer& L, const float* q, int64_t pos, int tid, int nth, float* out, float* scores) const {
-    const int64_t S = L.k.size(2), per_kv = H_ / Hkv_;
-    const int64_t first = window_ > 0 ? std::max<int64_t>(0, pos - window_ + 1) : 0;
+  void attend_heads(const Layer& L, const float* qkv, int64_t qkv_n, int64_t M, int64_t pos, int tid, int nth,
+                    Scratch& sc, float* out) const {
+    const int64_t S = L.k.size(2), per_kv = H_ / Hkv_, kvw = Hkv_ * D_, qw = H_ * D_;
     const T* kc = L.k.data_ptr<T>();
     const T* vc = L.v.data_ptr<T>();
     const float scale = 1.f / std::sqrt(float(D_));
-    for (int64_t h = H_ * tid / nth; h < H_ * (tid + 1) / nth; ++h) {
-      const int64_t kv = h / per_kv;
-      const T* kh = kc + kv * S * D_;
-      const T* vh = vc + kv * S * D_;
-      const float* qh = q + h * D_;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t s = first; s <= pos; ++s) {
-        scores[s] = dot(qh, kh + s * D_, D_) * scale;
-        mx = std::max(mx, scores[s]);
-      }
-      float total = 0.f;
-      for (int64_t s = first; s <= pos; ++s) total += (scores[s] = std::exp(scores[s] - mx));
-      const float inv = 1.f / total;
-      float* oh = out + h * D_;
-      for (int64_t d = 0; d < D_; d += kLanes) {
-        vf acc = vzero();
-        for (int64_t s = first; s <= pos; ++s) acc = vfma(vset1(scores[s] * inv), cache_vload(vh + s * D_ + d), acc);
-        _store(oh + d, acc);
+    float* scores = sc.scores.data();
+    float* q = sc.q.data();
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t at = pos + m, first = window_ > 0 ? std::max<int64_t>(0, at - window_ + 1) : 0;
+      const float* cos = cos_.data_ptr<float>() + at * D_;
+      const float* sin = sin_.data_ptr<float>() + at * D_;
+      for (int64_t h = H_ * tid / nth; h < H_ * (tid + 1) / nth; ++h) {
+        const int64_t kv = h / per_kv;
+        const T* kh = kc + kv * S * D_;
+        const T* vh = vc + kv * S * D_;
+        auto k_new = [&](int64_t s) { return sc.kv.data() + (s - pos) * 2 * kvw + kv * D_; };
+        auto v_new = [&](int64_t s) { return sc.kv.data() + (s - pos) * 2 * kvw + kvw + kv * D_; };
+        std::copy(qkv + m * qkv_n + h * D_, qkv + m * qkv_n + (h + 1) * D_, q);
+        rope(q, cos, sin, D_);
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t s = first; s <= at; ++s) {
+          scores[s] = (s < pos ? dot(q, kh + s * D_, D_) : dot(q, k_new(s), D_)) * scale;
+          mx = std::max(mx, scores[s]);
+        }
+        float total = 0.f;
+        for (int64_t s = first; s <= at; ++s) total += (scores[s] = std::exp(scores[s] - mx));
+        const float inv = 1.f / total;
+        float* oh = out + m * qw + h * D_;
+        for (int64_t d = 0; d < D_; d += kLanes) {
+          vf acc = vzero();
+          for (int64_t s = first; s < std::min(pos, at + 1); ++s)
+            acc = vfma(vset1(scores[s] * inv), cache_vload(vh + s * D_ + d), acc);
+          for (int64_t s = std::max(first, pos); s <= at; ++s) acc = vfma(vset1(scores[s] * inv), vload(v_new(s) + d), acc);
+          vstore(oh + d, acc);
+        }
       }
     }
   }
 
-  static void _store(float* p, vf v) {
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-    _mm512_storeu_ps(p, v);
-#else
-    _mm256_storeu_ps(p, v);
-#endif
-  }
-
   template <class T>
-  at::Tensor run(const at::Tensor& x_in, int64_t pos) {
+  at::Tensor run(const at::Tensor& x_in, int64_t M, int64_t pos) {
     const int64_t C = C_, S = layers_[0].k.size(2), qw = H_ * D_, kvw = Hkv_ * D_;
-    int64_t widest = 0;
+    int64_t widest = 0, inter = 0;
     for (const Linear& l : linears_) widest = std::max(widest, l.N);
-    std::vector<float> x(x_in.data_ptr<float>(), x_in.data_ptr<float>() + C), h(std::max(C, widest));
-    std::vector<float> proj(widest), attn(qw), act(widest);
+    for (const Layer& L : layers_) inter = std::max(inter, linears_[L.down].K);
+    // shared outputs, one buffer per stage: a stage's buffer is rewritten only a layer later, after the
+    // barriers that follow every read of it
+    std::vector<float> qkv(M * widest), attn(M * qw), o_out(M * C), gate_up(M * widest), down_out(M * C);
     const Linear& head = linears_[head_];
-    at::Tensor logits = at::empty({1, head.N}, x_in.options());
+    at::Tensor logits = at::empty({M, head.N}, x_in.options());
     float* y = logits.data_ptr<float>();
-    const float* cos = cos_.data_ptr<float>() + pos * D_;
-    const float* sin = sin_.data_ptr<float>() + pos * D_;
     const int nt = std::max(1, at::get_num_threads());
-    std::vector<float> scores(size_t(nt) * S);
 
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      Scratch sc;
+      sc.x.assign(x_in.data_ptr<float>(), x_in.data_ptr<float>() + M * C);
+      sc.h.resize(M * C);
+      sc.act.resize(M * inter);
+      sc.q.resize(D_);
+      sc.kv.resize(M * 2 * kvw);
+      sc.scores.resize(S);
+      auto norm_rows = [&](const at::Tensor& w) {
+        for (int64_t m = 0; m < M; ++m) rms_norm(sc.x.data() + m * C, w.data_ptr<float>(), C, eps_, sc.h.data() + m * C);
+      };
+      auto add_rows = [&](const std::vector<float>& d) {
+        for (int64_t i = 0; i < M * C; ++i) sc.x[i] += d[i];
+      };
       for (const Layer& L : layers_) {
         const Linear &lq = linears_[L.qkv], &lo = linears_[L.o], &lg = linears_[L.gate_up], &ld = linears_[L.down];
-#pragma omp single
-        {
-          rms_norm(x.data(), L.attn_norm.data_ptr<float>(), C, eps_, h.data());
-          prepare_input(lq, h.data());
-        }
-        gemv(lq, h.data(), proj.data(), tid, nth);
+        norm_rows(L.attn_norm);
+        prepare_input(lq, sc.h.data(), M, sc);
+        gemv(lq, sc.h.data(), M, sc, qkv.data(), tid, nth);
 #pragma omp barrier
-#pragma omp single
-        {  // RoPE on q and k, then k/v into the cache at `pos`
-          float *q = proj.data(), *k = q + qw, *v = k + kvw;
-          for (int64_t i = 0; i < H_; ++i) rope(q + i * D_, cos, sin, D_);
-          T* kc = L.k.data_ptr<T>();
-          T* vc = L.v.data_ptr<T>();
-          for (int64_t i = 0; i < Hkv_; ++i) {
-            rope(k + i * D_, cos, sin, D_);
+        // the new rows' k (RoPE'd) and v, rounded as the cache stores them; one thread writes the cache
+        T* kc = L.k.data_ptr<T>();
+        T* vc = L.v.data_ptr<T>();
+        for (int64_t m = 0; m < M; ++m) {
+          float* k_new = sc.kv.data() + m * 2 * kvw;
+          float* v_new = k_new + kvw;
+          std::copy(qkv.data() + m * lq.N + qw, qkv.data() + m * lq.N + qw + 2 * kvw, k_new);
+          for (int64_t i = 0; i < Hkv_; ++i)
+            rope(k_new + i * D_, cos_.data_ptr<float>() + (pos + m) * D_, sin_.data_ptr<float>() + (pos + m) * D_, D_);
+          for (int64_t i = 0; i < Hkv_; ++i)
             for (int64_t d = 0; d < D_; ++d) {
-              cache_store(kc + (i * S + pos) * D_ + d, k[i * D_ + d]);
-              cache_store(vc + (i * S + pos) * D_ + d, v[i * D_ + d]);
+              const T kt = T(k_new[i * D_ + d]), vt = T(v_new[i * D_ + d]);
+              if (tid == 0) {
+                kc[(i * S + pos + m) * D_ + d] = kt;
+                vc[(i * S + pos + m) * D_ + d] = vt;
+              }
+              k_new[i * D_ + d] = cache_load(&kt);
+              v_new[i * D_ + d] = cache_load(&vt);
             }
-          }
         }
-        attend_heads<T>(L, proj.data(), pos, tid, nth, attn.data(), scores.data() + tid * S);
+        attend_heads<T>(L, qkv.data(), lq.N, M, pos, tid, nth, sc, attn.data());
 #pragma omp barrier
-#pragma omp single
-        prepare_input(lo, attn.data());
-        gemv(lo, attn.data(), proj.data(), tid, nth);
+        prepare_input(lo, attn.data(), M, sc);
+        gemv(lo, attn.data(), M, sc, o_out.data(), tid, nth);
 #pragma omp barrier
-#pragma omp single
-        {
-          for (int64_t c = 0; c < C; ++c) x[c] += proj[c];
-          rms_norm(x.data(), L.mlp_norm.data_ptr<float>(), C, eps_, h.data());
-          prepare_input(lg, h.data());
-        }
-        gemv(lg, h.data(), proj.data(), tid, nth);
+        add_rows(o_out);
+        norm_rows(L.mlp_norm);
+        prepare_input(lg, sc.h.data(), M, sc);
+        gemv(lg, sc.h.data(), M, sc, gate_up.data(), tid, nth);
 #pragma omp barrier
-#pragma omp single
-        {  // SiLU(gate) * up; gate is the first half of the fused output
-          const int64_t I = lg.N / 2;
+        const int64_t I = lg.N / 2;  // SiLU(gate) * up; gate is the first half of each fused output row
+        for (int64_t m = 0; m < M; ++m)
           for (int64_t i = 0; i < I; ++i) {
-            const float g = proj[i];
-            act[i] = g / (1.f + std::exp(-g)) * proj[I + i];
+            const float g = gate_up[m * lg.N + i];
+            sc.act[m * I + i] = g / (1.f + std::exp(-g)) * gate_up[m * lg.N + I + i];
           }
-          prepare_input(ld, act.data());
-        }
-        gemv(ld, act.data(), proj.data(), tid, nth);
+        prepare_input(ld, sc.act.data(), M, sc);
+        gemv(ld, sc.act.data(), M, sc, down_out.data(), tid, nth);
 #pragma omp barrier
-#pragma omp single
-        for (int64_t c = 0; c < C; ++c) x[c] += proj[c];
+        add_rows(down_out);
       }
-#pragma omp single
-      {
-        rms_norm(x.data(), final_norm_.data_ptr<float>(), C, eps_, h.data());
-        prepare_input(head, h.data());
-      }
-      gemv(head, h.data(), y, tid, nth);
+      norm_rows(final_norm_);
+      prepare_input(head, sc.h.data(), M, sc);
+      gemv(head, sc.h.data(), M, sc, y, tid, nth);
     }
     return logits;
   }
@@ -316,7 +343,6 @@ class DecodePlan : public torch::CustomClassHolder {
   int64_t C_ = 0, head_ = -1;
   std::vector<Linear> linears_;
   std::vector<Layer> layers_;
-  std::vector<float> xp_, xs_;  // int4 activations in kernel order (one linear at a time)
 };
 
 }  // namespace
