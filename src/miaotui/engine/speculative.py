@@ -97,12 +97,17 @@ class DraftModelProposer:
         if k < 1:
             raise ValueError("k must be >= 1")
         self.model, self.k = draft_model, k
+        self._forward = _fast_forward(draft_model)  # rebuilt at reset(), once the draft has its cache
         self._fed: list[int] = []  # token at each cache position, as written by this proposer
         self._accepted = 0  # length of the history at the last call
 
     def reset(self, prompt_ids: list[int], max_len: int) -> None:
         ensure_cache(self.model, min(max_len, self.model.max_seq_len))
         self._fed, self._accepted = [], 0
+        self._forward = _fast_forward(self.model)  # the draft's tokens through the fused native step if it can
+
+    def _last_logits(self, ids: list[int], start: int, device: torch.device) -> torch.Tensor:
+        return self._forward(torch.tensor([ids], device=device), start, last_only=True)[-1]
 
     def propose(self, history: list[int], limit: int, params: SamplingParams,
                 generator: torch.Generator) -> Proposal:
@@ -117,13 +122,13 @@ class DraftModelProposer:
         device = next(self.model.parameters()).device
         # history + drafts so far, for the repetition penalty
         seen = torch.tensor(history + [0] * k, device=device) if params.repetition_penalty != 1.0 else None
-        logits = self.model(torch.tensor([history[start:]], device=device), start, last_only=True)[0, -1]
+        logits = self._last_logits(history[start:], start, device)
         self._fed = list(history)
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
         for i in range(k):
             if i:
-                logits = self.model(torch.tensor([[tokens[-1]]], device=device), n + i - 1, last_only=True)[0, -1]
+                logits = self._last_logits([tokens[-1]], n + i - 1, device)
                 self._fed.append(tokens[-1])
             probs = filtered_probs(logits, params, seen[:n + i] if seen is not None else None)
             tokens.append(int(probs.argmax()) if params.greedy else draw(probs, generator))
@@ -217,15 +222,24 @@ def _target_probs(logits: torch.Tensor, params: SamplingParams, history: torch.T
     return filtered_probs(logits, params, seen)
 
 
-def _verifier(target: CausalLM) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """(ids (1, T), start) → logits (T, V): the fused native step where it covers the target (one C++
-    call instead of a Python forward: kernels/decode_plan.py), else the model's own forward."""
+NATIVE_MAX_TOKENS = 16  # longer inputs (a prompt) are a prefill: the model's batched matmuls win
+
+
+def _fast_forward(model: CausalLM) -> Callable[..., torch.Tensor]:
+    """``forward(ids (1, T), start, last_only=False) → logits (T or 1, V)``: the fused native step for a
+    few tokens where it covers the model (one C++ call instead of a Python forward: kernels/decode_plan.py),
+    else the model's own forward. Call it once the model's cache is set up."""
     from miaotui.kernels.decode_plan import NativeDecode
 
-    native, _ = NativeDecode.build(target)
-    if native is not None:
-        return native
-    return lambda ids, start: target(ids, start)[0]
+    native, _ = NativeDecode.build(model)
+
+    def forward(ids: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:
+        if native is not None and ids.shape[1] <= NATIVE_MAX_TOKENS:
+            logits = native(ids, start)
+            return logits[-1:] if last_only else logits
+        return model(ids, start, last_only=last_only)[0]
+
+    return forward
 
 
 @torch.inference_mode()
@@ -255,7 +269,7 @@ def speculative_generate_tokens(
     stats.extra["spec"] = spec
     stats.prompt_tokens, stats.completion_tokens, stats.finish_reason = n, 0, "length"
 
-    verify = _verifier(target)
+    verify = _fast_forward(target)
     t0 = time.perf_counter()
     t_first = None
     vocab = None  # known from the first logits; drafts must be ids the target has
