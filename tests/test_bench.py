@@ -24,7 +24,8 @@ def test_bench_runs_engines_and_ends_with_json(hf_folder, tmp_path):
     lines = proc.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
     engines = [r["engine"] for r in summary["results"]]
-    assert engines == ["miaotui fp32", "transformers fp32"]
+    # the tiny llama decodes through the fused native step where the kernels build
+    assert engines in (["miaotui fp32 native step", "transformers fp32"], ["miaotui fp32", "transformers fp32"])
     assert any("llama.cpp" in s for s in summary["skipped"])  # a GGUF-only peer says why it is absent
     for r in summary["results"]:
         assert set(r["prefill_tok_s"]) == {"16", "48"} and all(v > 0 for v in r["prefill_tok_s"].values())

@@ -32,6 +32,8 @@ def test_bench_speculative_json(hf_folder, capsys, tmp_path):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0
     engines = [r["engine"] for r in summary["results"]]
-    assert engines[0] == "plain (eager)" and any("prompt lookup" in e for e in engines) and len(engines) == 3
+    # the tiny llama decodes through the fused native step where the kernels build (nothing to compile)
+    assert engines[0] in ("plain (native step)", "plain (eager)") and len(engines) == 3
+    assert any("prompt lookup" in e for e in engines)
     assert all(r["same_output"] for r in summary["results"])
     assert all(r["decode_tok_s"] > 0 for r in summary["results"])

@@ -29,24 +29,16 @@ class MiaotuiEngine(Engine):
     def __init__(self, model: str | None, dtype: str, compile: bool):
         from miaotui.engine.prepare import prepare_for_inference
         from miaotui.engine.runner import Runner
+        from miaotui.kernels.decode_plan import decode_path
         from miaotui.loading import load
 
         self.loaded = load(model, dtype)
         prepare_for_inference(self.loaded.model)
         self.runner = Runner(self.loaded.model, compile=compile)
         what = self.loaded.manifest["recipe"].get("name", "compressed") if self.loaded.manifest else dtype
-        self.name = f"miaotui {what}{' ' + self._decode_path() if compile else ''}"
+        path = decode_path(self.loaded.model, compile)
+        self.name = f"miaotui {what}" + ("" if path == "eager" else f" {path}")
         self.weight_bytes = decode_bytes(self.loaded.model)
-
-    def _decode_path(self) -> str:
-        """What the fast path decodes one sequence with: the fused native step where it covers the model
-        (``kernels/decode_plan.py``), else the compiled graph; named in the table so figures say which."""
-        from miaotui.engine.generate import ensure_cache
-        from miaotui.kernels.decode_plan import NativeDecode
-
-        ensure_cache(self.loaded.model, 16)
-        step, _ = NativeDecode.build(self.loaded.model)
-        return "native step" if step is not None else "compiled"
 
     @property
     def compile_s(self) -> float:

@@ -59,6 +59,7 @@ def _run(llm, prompt, params: SamplingParams, repeats: int) -> dict:
 
 def measure(model: str | None, data: str | None, max_tokens: int, k: int, draft: str | None,
             compile: bool, repeats: int) -> dict:
+    from miaotui.kernels.decode_plan import decode_path
     from miaotui.llm import LLM
 
     prompt = grounded_prompt(data)
@@ -66,8 +67,9 @@ def measure(model: str | None, data: str | None, max_tokens: int, k: int, draft:
     log = lambda s: print(f"[bench speculative] {s}", file=sys.stderr, flush=True)  # noqa: E731
     base = LLM(model)
     rows = []
-    engines = [("plain (eager)", None)]
-    if compile:
+    path = decode_path(base.loaded.model, compile=False)
+    engines = [(f"plain ({path})", None)]
+    if compile and path != "native step":  # the native step has nothing to compile
         engines.append(("plain (compiled)", "compile"))
     engines.append((f"prompt lookup k={k}", "ngram"))
     if draft:
@@ -88,18 +90,18 @@ def measure(model: str | None, data: str | None, max_tokens: int, k: int, draft:
     plain = rows[0]["decode_tok_s"]
     best_plain = max(r["decode_tok_s"] for r in rows if r["engine"].startswith("plain"))
     for r in rows:
-        r["speedup_vs_eager"] = r["decode_tok_s"] / plain if plain else 0.0
+        r["speedup_vs_plain"] = r["decode_tok_s"] / plain if plain else 0.0
         r["speedup_vs_best_plain"] = r["decode_tok_s"] / best_plain if best_plain else 0.0
     return {"task": prompt[0]["content"].split(":")[0], "max_tokens": max_tokens, "num_speculative": k, "results": rows}
 
 
 def table(summary: dict) -> str:
-    head = "| engine | decode tok/s | × plain eager | × best plain | tokens | tokens/forward | accepted | same output |"
+    head = "| engine | decode tok/s | × plain | × best plain | tokens | tokens/forward | accepted | same output |"
     lines = [head, "|" + "---|" * 8]
     for r in summary["results"]:
         tpf = f"{r['tokens_per_forward']:.2f}" if "tokens_per_forward" in r else "1.00"
         acc = f"{r['acceptance_rate']:.0%}" if "acceptance_rate" in r else "—"
-        lines.append(f"| {r['engine']} | {r['decode_tok_s']:.1f} | {r['speedup_vs_eager']:.2f} | "
+        lines.append(f"| {r['engine']} | {r['decode_tok_s']:.1f} | {r['speedup_vs_plain']:.2f} | "
                      f"{r['speedup_vs_best_plain']:.2f} | {r['tokens']} | {tpf} | {acc} | "
                      f"{'yes' if r['same_output'] else 'NO'} |")
     return "\n".join(lines)

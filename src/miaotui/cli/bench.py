@@ -45,9 +45,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count(), metavar="N",
                    help="threads for every engine (default: all cores, %(default)s here)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile miaotui's decode step with torch.compile (default: on, 1.2-1.4x faster decode "
-                        "measured here; the one-off compile time, ~2 min cold and seconds from inductor's "
-                        "cache, is reported apart)")
+                   help="compile miaotui's decode step with torch.compile where the fused native step does not "
+                        "cover the model (it does for Llama-family models with dense/int8/int4 weights: engine "
+                        "names say 'native step'); default: on; the one-off compile time is reported apart")
     p.add_argument("--prefill", default="128,512,2048", metavar="N,N,...",
                    help="prompt lengths for prefill (default: 128,512,2048)")
     p.add_argument("--decode-tokens", type=int, default=128, metavar="N",

@@ -54,6 +54,16 @@ def _linear_args(m: nn.Module) -> tuple | str:
     return f"a {type(m).__name__} linear"
 
 
+def decode_path(model: nn.Module, compile: bool) -> str:
+    """What one sequence of ``model`` decodes with ("native step", "compiled" or "eager"), for labels:
+    benchmark tables name the path their figures come from. Sets up a small cache if there is none."""
+    from miaotui.engine.generate import ensure_cache
+
+    ensure_cache(model, 16)
+    step, _ = NativeDecode.build(model)
+    return "native step" if step is not None else ("compiled" if compile else "eager")
+
+
 def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
