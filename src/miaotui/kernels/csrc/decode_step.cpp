@@ -174,7 +174,8 @@ class DecodePlan : public torch::CustomClassHolder {
   // What each thread keeps to itself: the residual stream and every small vector op are computed by all
   // threads redundantly (a few microseconds) rather than by one thread behind two barriers.
   struct Scratch {
-    std::vector<float> x, h, act, q, kv, scores, xp, xs;
+    std::vector<float> x, h, act, q, kv, scores, xsc, xsum;  // xsc/xsum/xq: int4 activations
+    std::vector<int16_t> xq;
   };
 
   // the product y = W · in for one linear: this thread's share of the output tiles
@@ -193,19 +194,20 @@ class DecodePlan : public torch::CustomClassHolder {
                             t0, t1);
         break;
       default: {
-        const Int4Args a{sc.xp.data(), sc.xs.data(), l.K, l.N, l.G, l.group, l.w.data_ptr<uint8_t>(),
-                         l.scale.data_ptr<float>(), l.zero.data_ptr<float>(), bias, out};
-        int4_tiles(a, M, t0, t1);
+        const Int4QArgs a{sc.xq.data(), sc.xsc.data(), sc.xsum.data(), l.K, l.N, l.G, l.group,
+                          l.w.data_ptr<uint8_t>(), l.scale.data_ptr<float>(), l.zero.data_ptr<float>(), bias, out};
+        int4q_tiles(a, M, t0, t1);
       }
     }
   }
 
-  // what a linear's kernel needs of its input (int4: the activations in kernel order), per thread
+  // what a linear's kernel needs of its input (int4: the activations in int16 with block scales), per thread
   static void prepare_input(const Linear& l, const float* in, int64_t M, Scratch& sc) {
     if (l.kind != kInt4) return;
-    sc.xp.resize(int4_xp_size(M, l.K));
-    sc.xs.resize(int4_xs_size(M, l.K, l.group));
-    int4_activations(in, M, l.K, l.group, sc.xp.data(), sc.xs.data());
+    sc.xq.resize(int4q_xq_size(M, l.K));
+    sc.xsc.resize(int4q_xsc_size(M, l.K));
+    sc.xsum.resize(int4q_xsum_size(M, l.K, l.group));
+    int4q_activations(in, M, l.K, l.group, sc.xq.data(), sc.xsc.data(), sc.xsum.data());
   }
 
   // This thread's query heads for each of the M new rows: row m (position pos + m) attends to cached
