@@ -190,8 +190,14 @@ class DecodePlan : public torch::CustomClassHolder {
                               bias, out, t0, t1);
         break;
       case kInt8:
-        dense_tiles<int8_t>(in, M, l.K, l.w.data_ptr<int8_t>(), l.N, l.scale.data_ptr<float>(), l.G, bias, out,
-                            t0, t1);
+        if (int8q_ok(l.K, l.G)) {
+          const Int8QArgs a{sc.xq.data(), sc.xsc.data(), l.K, l.N, l.G, l.w.data_ptr<int8_t>(),
+                            l.scale.data_ptr<float>(), bias, out};
+          int8q_tiles(a, M, t0, t1);
+        } else {
+          dense_tiles<int8_t>(in, M, l.K, l.w.data_ptr<int8_t>(), l.N, l.scale.data_ptr<float>(), l.G, bias, out,
+                              t0, t1);
+        }
         break;
       default: {
         const Int4QArgs a{sc.xq.data(), sc.xsc.data(), sc.xsum.data(), l.K, l.N, l.G, l.group,
@@ -201,8 +207,14 @@ class DecodePlan : public torch::CustomClassHolder {
     }
   }
 
-  // what a linear's kernel needs of its input (int4: the activations in int16 with block scales), per thread
+  // what a linear's kernel needs of its input (int4, int8: the activations in int16 with block scales), per thread
   static void prepare_input(const Linear& l, const float* in, int64_t M, Scratch& sc) {
+    if (l.kind == kInt8 && int8q_ok(l.K, l.G)) {
+      sc.xq.resize(M * l.K);
+      sc.xsc.resize(M * (l.K / kBlock));
+      int8q_activations(in, M, l.K, sc.xq.data(), sc.xsc.data());
+      return;
+    }
     if (l.kind != kInt4) return;
     sc.xq.resize(int4q_xq_size(M, l.K));
     sc.xsc.resize(int4q_xsc_size(M, l.K));
