@@ -11,7 +11,7 @@ from torch import nn
 
 from miaotui.cli.main import main
 from miaotui.compress.quant.qlinear import QuantLinear
-from miaotui.compress.recipe import Context, RecipeError, load_recipe, run_recipe
+from miaotui.compress.recipe import Calibration, Context, RecipeError, load_recipe, run_recipe
 from miaotui.errors import ModelLoadError
 from miaotui.loading import load
 from miaotui.loading.checkpoint import save_checkpoint, source_identity
@@ -21,7 +21,8 @@ IDS = torch.tensor([[5, 77, 123, 9, 200, 31, 64, 250, 18, 3, 99, 141]])
 
 def compress(folder, recipe: str, out):
     loaded = load(folder)
-    ctx = Context(loaded, progress=False)
+    # calibrating recipes (the built-in int8 is GPTQ) on a little self-generated text: seconds, not minutes
+    ctx = Context(loaded, Calibration(samples=8, seq_len=64), progress=False)
     rec = load_recipe(recipe)
     run_recipe(ctx, rec)
     save_checkpoint(out, loaded.model, loaded.tokenizer, loaded.config, ctx.modules, rec, source_identity(loaded.path))
@@ -190,3 +191,99 @@ def test_quantized_compiled_decode_equals_eager(hf_folder, tmp_path, recipe):
     eager = list(generate_tokens(eager_model, prompt, params))
     runner = Runner(prepare_for_inference(load(tmp_path / "c").model), compile=True)
     assert list(generate_tokens(runner, prompt, params)) == eager
+
+
+def _int8_recipe(tmp_path, params: str):
+    r = tmp_path / "int8.yaml"
+    r.write_text(f"name: int8-mine\nsteps:\n  - quantize: {{{params}}}\n")
+    return str(r)
+
+
+@pytest.mark.parametrize("arch", ["llama-mha-tied", "qwen2-bias"])
+def test_grouped_int8_checkpoint_roundtrip(hf_folder, tmp_path, arch):
+    """Group-wise int8 layers and a grouped tied head/embedding: saved, reloaded, identical logits, equal to
+    the source with the dequantized weights put back."""
+    from safetensors.torch import load_file
+
+    folder, _ = hf_folder(arch)
+    recipe = _int8_recipe(tmp_path, "method: rtn, bits: 8, group_size: 32, head_group_size: 16")
+    q = compress(folder, recipe, tmp_path / "ckpt")
+    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    groups = {n: s.get("group_size") for n, s in manifest["modules"].items()}
+    assert all(s["kind"] == "int8" for s in manifest["modules"].values())
+    assert groups.pop("lm_head") == 16 and set(groups.values()) == {32}
+    tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert tensors["lm_head.scale"].shape == (q.model.lm_head.out_features, 64 // 16)
+    with torch.inference_mode():
+        before = q.model(IDS)
+        back = load(tmp_path / "ckpt")
+        torch.testing.assert_close(back.model(IDS), before, atol=0, rtol=0)
+        from miaotui.engine.prepare import prepare_for_inference
+
+        prepared = prepare_for_inference(back.model)  # the kernels chosen for this machine, few and many rows
+        torch.testing.assert_close(prepared(IDS[:, :3]), before[:, :3], atol=1e-4, rtol=1e-4)
+        ref = fake_quantized(folder, q).model(IDS)
+    torch.testing.assert_close(before, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_per_channel_int8_checkpoint_keeps_the_old_format_and_loads(hf_folder, tmp_path):
+    """A per-channel int8 checkpoint is written exactly as before group-wise int8 existed (no group_size in
+    the manifest, 1-D scales), so checkpoints from earlier versions load unchanged."""
+    from safetensors.torch import load_file
+
+    folder, _ = hf_folder("llama-mha-tied")
+    q = compress(folder, _int8_recipe(tmp_path, "method: rtn, bits: 8, group_size: null"), tmp_path / "old")
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    for spec in manifest["modules"].values():
+        assert set(spec) - {"tied_embedding"} == {"kind", "in_features", "out_features", "bias"}
+    tensors = load_file(str(tmp_path / "old" / "model.safetensors"))
+    assert all(t.dim() == 1 for k, t in tensors.items() if k.endswith(".scale"))
+    with torch.inference_mode():
+        back = load(tmp_path / "old")
+        assert not any(getattr(m, "grouped", False) for m in back.model.modules())
+        torch.testing.assert_close(back.model(IDS), q.model(IDS), atol=0, rtol=0)
+
+
+def test_int8_group_recipe_errors(hf_folder, tmp_path):
+    folder, _ = hf_folder("llama-gqa-untied")  # hidden 64, intermediate 128
+
+    def run(params: str):
+        run_recipe(Context(load(folder), progress=False), load_recipe(_int8_recipe(tmp_path, params)))
+
+    with pytest.raises(RecipeError, match="symmetric must be true with bits 8"):
+        run("method: rtn, bits: 8, group_size: 32, symmetric: false")
+    with pytest.raises(RecipeError, match="symmetric must be true with bits 8"):
+        run("method: gptq, bits: 4, overrides: {'*.down_proj': {bits: 8, symmetric: false}}")
+    with pytest.raises(RecipeError, match="group_size must be null .* or a positive integer"):
+        run("method: rtn, bits: 8, group_size: 0")
+    # 8 divides every width and stays 8: not a whole number of the kernel's 16-column blocks
+    with pytest.raises(RecipeError, match="group_size 8 becomes 8 .* multiple of 16"):
+        run("method: rtn, bits: 8, group_size: 8")
+    with pytest.raises(RecipeError, match=r"head_group_size.*group_size 8 becomes 8 on lm_head"):
+        run("method: rtn, bits: 8, head_group_size: 8")
+    with pytest.raises(RecipeError, match="head_group_size must be null .* or a positive integer"):
+        run("method: rtn, bits: 8, head_group_size: '32'")
+    with pytest.raises(RecipeError, match="head_group_size applies to an int8 head only"):
+        run("method: rtn, bits: 8, head: none, head_group_size: 32")
+
+
+def test_int8_overrides_inherit_an_int8_steps_group(hf_folder, tmp_path):
+    """In an int8 step an override without group_size keeps the step's group; in an int4 step an 8-bit
+    override is per channel unless it names a group."""
+    folder, _ = hf_folder("llama-gqa-untied")
+    ctx = Context(load(folder), progress=False)
+    run_recipe(ctx, load_recipe(_int8_recipe(
+        tmp_path, "method: rtn, bits: 8, group_size: 32, overrides: {'*.down_proj': {symmetric: true}, "
+                  "'*.o_proj': {group_size: 16}}")))
+    assert {n: s.get("group_size") for n, s in ctx.modules.items() if "down_proj" in n} == \
+        {"model.layers.0.mlp.down_proj": 32, "model.layers.1.mlp.down_proj": 32}
+    assert all(s["group_size"] == 16 for n, s in ctx.modules.items() if "o_proj" in n)
+    assert ctx.modules["lm_head"]["group_size"] == 32  # an int8 step's head follows its group unless told
+    ctx = Context(load(folder), progress=False)
+    run_recipe(ctx, load_recipe(_int8_recipe(
+        tmp_path, "method: rtn, bits: 4, group_size: 32, overrides: {'*.down_proj': {bits: 8}, "
+                  "'*.o_proj': {bits: 8, group_size: 16}}")))
+    kinds = {n: (s["kind"], s.get("group_size")) for n, s in ctx.modules.items() if n != "lm_head"}
+    assert {v for n, v in kinds.items() if "down_proj" in n} == {("int8", None)}
+    assert {v for n, v in kinds.items() if "o_proj" in n} == {("int8", 16)}
+    assert {v for n, v in kinds.items() if "qkv_proj" in n} == {("int4", 32)}

@@ -93,7 +93,7 @@ def test_exactly_low_rank_model_is_reproduced_and_reloads(hf_folder, tmp_path, w
     with torch.inference_mode():
         before = lm.model(IDS)
     ctx = Context(lm, progress=False)
-    ctx._ids = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))
+    ctx.calib_tokens = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))
     rec = run_recipe(ctx, {"steps": [{"lowrank": {"rank": 8, "whiten": whiten}}]})[0]
     assert set(rec["ranks"].values()) == {8} and not rec["kept_dense"] and rec["params"][1] < rec["params"][0]
     assert all(isinstance(lm.model.get_submodule(n), FactorizedLinear) for n in rec["ranks"])
@@ -116,7 +116,7 @@ def test_ratio_targets_and_a_quantized_chain_reload(hf_folder, tmp_path, arch):
     folder, _ = hf_folder(arch)
     lm = load(folder)
     ctx = Context(lm, progress=False)
-    ctx._ids = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))
+    ctx.calib_tokens = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))
     target = "o_proj" if arch != "gpt2" else "attn.c_proj"
     recipe = {"name": "lr-int8", "steps": [{"lowrank": {"ratio": 0.4, "targets": [target]}},
                                            {"quantize": {"method": "rtn", "bits": 8, "group_size": None}}]}

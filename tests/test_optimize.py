@@ -169,7 +169,7 @@ def test_mixed_overrides_calibrated_methods(hf_folder, method):
     folder, _ = hf_folder("llama-gqa-untied")
     lm = load(folder)
     ctx = Context(lm, progress=False)
-    ctx._ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    ctx.calib_tokens = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     run_recipe(ctx, {"steps": [{"quantize": {"method": method, "bits": 4, "group_size": 32,
                                              "overrides": {"model.layers.0.*": {"bits": 8}}}}]})
     kinds = {n: s["kind"] for n, s in ctx.modules.items() if n != "lm_head"}
@@ -179,13 +179,13 @@ def test_mixed_overrides_calibrated_methods(hf_folder, method):
 
 @pytest.mark.parametrize("params,needle", [
     ({"method": "rtn", "overrides": {"model.layers.9.*": {"bits": 8}}}, "match no decoder linear"),
-    ({"method": "rtn", "overrides": {"*": {"bits": 8, "group_size": 64}}}, "group_size must be null"),
+    ({"method": "rtn", "overrides": {"*": {"bits": 8, "group_size": 8}}}, "not a multiple of 16"),
     ({"method": "rtn", "overrides": {"*": {"bits": 3}}}, "bits must be 4 or 8"),
     ({"method": "rtn", "overrides": {"*": {"alpha": 1}}}, "unknown parameter"),
     ({"method": "gptq", "overrides": {"*": {"float_zero": True}}}, "unknown parameter"),
     ({"method": "smoothquant", "overrides": {"*": {"bits": 8}}}, "not supported"),
     ({"method": "rtn", "overrides": {}}, "non-empty mapping"),
-    ({"method": "rtn", "bits": 8, "group_size": 128}, "group_size must be null"),
+    ({"method": "rtn", "bits": 8, "group_size": 128, "symmetric": False}, "symmetric must be true"),
 ])
 def test_override_errors_name_the_parameter(hf_folder, params, needle):
     folder, _ = hf_folder("llama-gqa-untied")
@@ -212,7 +212,9 @@ def test_byte_estimate_matches_the_built_model(hf_folder):
         src.model.fuse()
         shape = ModelShape.of(src.model)
         base = [{"quantize": {"method": "rtn", "bits": 4, "group_size": 32}}]
-        for steps in ([], base, [{"quantize": {"method": "rtn", "bits": 8}}], mixed_steps(base, shape.prefix, [1])):
+        int8_groups = [{"quantize": {"method": "rtn", "bits": 8, "group_size": 32, "head_group_size": 16}}]
+        for steps in ([], base, [{"quantize": {"method": "rtn", "bits": 8}}], int8_groups,
+                      mixed_steps(base, shape.prefix, [1])):
             nbytes, kinds = estimate(shape, steps)
             lm, _ = _compress(folder, steps) if steps else (src, None)
             assert nbytes == stored_bytes(lm.model), (arch, steps)

@@ -59,7 +59,7 @@ def folder(tmp_path_factory):
 def context(path) -> Context:
     loaded = load(path)
     ctx = Context(loaded, progress=False)
-    ctx._ids = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(1))  # calibration
+    ctx.calib_tokens = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(1))  # calibration
     loaded.model.fuse()
     return ctx
 

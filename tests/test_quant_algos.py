@@ -97,6 +97,31 @@ def test_gptq_beats_rtn_on_correlated_inputs(group, act_order):
     assert out_err(x2, w, qw.dequantize()) < out_err(x2, w, quantize_rtn(w, 4, group).dequantize())
 
 
+@pytest.mark.parametrize("group", [32, None])
+def test_gptq_int8_symmetric_groups(group):
+    """8-bit symmetric, per group or per channel (the Int8Linear formats): RTN exactly under a diagonal
+    Hessian, better than RTN on correlated inputs."""
+    w = torch.randn(48, 128)
+    ref = quantize_rtn(w, 8, group, symmetric=True)
+    qw = gptq_quantize(w, torch.diag(torch.rand(128) + 0.5), 8, group, symmetric=True)
+    assert qw.zero is None and qw.group_size == (group or 128)
+    assert torch.equal(qw.q, ref.q) and torch.allclose(qw.scale, ref.scale)
+    x = correlated_inputs(2048, 128)
+    qw = gptq_quantize(w, 2 * x.t() @ x / x.shape[0], 8, group, symmetric=True, block_size=32)
+    assert int(qw.q.abs().max()) <= 127
+    assert out_err(x, w, qw.dequantize()) < 0.7 * out_err(x, w, ref.dequantize())
+
+
+def test_int8_groups_cut_error_on_blockwise_weights():
+    """Rows made of blocks of very different magnitude (GGUF sources: 32-column blocks): group scales
+    follow the blocks, a per-row scale spends its range on the largest one."""
+    g = torch.Generator().manual_seed(0)
+    block_scale = torch.rand(64, 8, generator=g).pow(3).repeat_interleave(32, dim=1)  # (64, 256)
+    w = torch.randn(64, 256, generator=g) * block_scale
+    err = {gs: (quantize_rtn(w, 8, gs, True).dequantize() - w).pow(2).mean() for gs in (None, 128, 32)}
+    assert err[32] < err[128] < err[None] and err[32] < 0.5 * err[None]
+
+
 # ---- AWQ
 
 def outlier_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Compress a model with a recipe and save a checkpoint that every verb loads directly.
 
-Built-in recipes: int8 (weight-only, per channel), int4-rtn, int4-gptq, int4-awq (int4, group 128,
-asymmetric; a group that does not divide a layer's width becomes the largest divisor below it),
-w8a8-smoothquant, int4-g32 (RTN, group 32, float zero point: lossless on weights that came from a GGUF
-Q4_1 file, like the embedded default model's). Each also stores the output head in int8. Or a YAML file:
+Built-in recipes: int8 (weight-only GPTQ with a scale per 128 columns, the head's per 32; encoders: RTN
+per channel), int4-rtn, int4-gptq, int4-awq (int4, group 128, asymmetric; a group that does not divide a
+layer's width becomes the largest divisor below it), w8a8-smoothquant, int4-g32 (RTN, group 32, float
+zero point: lossless on weights that came from a GGUF Q4_1 file, like the embedded default model's). Each
+also stores the output head in int8. Or a YAML file:
 
   name: my-int4
   steps:
@@ -18,6 +19,8 @@ Steps a YAML recipe chains, in order (each step's quality is recorded in the man
   lowrank         {ratio: 0.5 | energy: 0.95 | rank: 64, whiten: true}  activation-aware truncated SVD
   distill         {steps: 200, lr: 1e-4, temperature: 2.0, hidden_loss: 1.0, data: FILE}   heal vs the source
   quantize        {method: rtn|gptq|awq|smoothquant, bits: 4|8, group_size: 128, overrides: {GLOB: {bits: 8}}}
+                  (bits 8: symmetric, group_size null = per output channel, or a multiple of 16;
+                  head: int8|none; head_group_size: the int8 head's group, default the step's with bits 8)
 e.g. steps: [{prune-layers: {count: 6}}, {distill: {steps: 300}}, {quantize: {method: gptq, bits: 4}}]
 
 GPTQ, AWQ and SmoothQuant calibrate on --calib FILE, or, with none, on text the model generates itself

@@ -136,6 +136,27 @@ def _check(method: str, p: dict[str, Any]):
             raise RecipeError(f"quantize/smoothquant: weight_bits must be 7 or 8, got {p['weight_bits']!r}")
 
 
+def _kept_float(linears: dict[str, nn.Linear], overrides: Any) -> dict[str, nn.Linear]:
+    """``linears`` less those an ``overrides`` glob keeps float (``{"layers.3.*": {skip: true}}``: the only
+    per-module setting encoders take, so a search can leave its most sensitive layers unquantized)."""
+    from miaotui.compress.quant.mixed import module_settings, unmatched
+    from miaotui.compress.recipe import RecipeError
+
+    if overrides is None:
+        return linears
+    if not isinstance(overrides, dict) or not overrides:
+        raise RecipeError("quantize: overrides must be a non-empty mapping of module-name glob → {skip: true}")
+    for glob, settings in overrides.items():
+        if not isinstance(settings, dict) or set(settings) != {"skip"} or settings["skip"] is not True:
+            raise RecipeError(f"quantize: overrides[{glob!r}]: an encoder takes only {{skip: true}} per module "
+                              f"(keep it float), got {settings!r}")
+    missing = unmatched(overrides, linears)
+    if missing:
+        raise RecipeError(f"quantize: overrides glob(s) {', '.join(map(repr, missing))} match no encoder linear "
+                          f"(names look like {next(iter(linears), '?')!r})")
+    return {n: m for n, m in linears.items() if module_settings(n, {}, overrides) is not None}
+
+
 def run_quantize_encoder(ctx, params: dict[str, Any]) -> dict[str, Any]:
     """The ``quantize`` step on ``ctx.loaded`` (a ``LoadedEncoder``): swaps the layer linears in place and
     records their specs in ``ctx.modules``."""
@@ -144,14 +165,14 @@ def run_quantize_encoder(ctx, params: dict[str, Any]) -> dict[str, Any]:
 
     p = dict(params)
     method = p.pop("method", "rtn")
-    if p.pop("overrides", None) is not None:
-        raise RecipeError("quantize: overrides (mixed precision) are not supported for encoders yet")
+    overrides = p.pop("overrides", None)
     head = p.pop("head", None)
     if head not in (None, "none"):
         raise RecipeError(f"quantize: head {head!r} does not apply to an encoder (pooler, masked-LM and "
                           "classifier heads stay float)")
     _check(method, p)
     model: BertEncoder = ctx.loaded.model
+    linears = _kept_float(encoder_linears(model), overrides)
     record: dict[str, Any] = {"method": method}
     if method == "smoothquant":
         from miaotui.encoder.api import Encoder
@@ -160,13 +181,12 @@ def run_quantize_encoder(ctx, params: dict[str, Any]) -> dict[str, Any]:
         record["smoothed_layers"] = smooth_attention_out(Encoder(ctx.loaded), texts, p.get("alpha", 0.5))
         record["calibration_texts"] = len(texts)
         levels = 63 if p.get("weight_bits", 7) == 7 else 127
-        qweights = {n: symmetric_int8(m.weight, levels) for n, m in encoder_linears(model).items()}
+        qweights = {n: symmetric_int8(m.weight, levels) for n, m in linears.items()}
         record["weight_code_range"] = levels
     else:
         bits, group = p.get("bits", 8), p.get("group_size", 128 if p.get("bits", 8) == 4 else None)
         symmetric = p.get("symmetric", bits == 8)
-        qweights = {n: quantize_rtn(m.weight.detach(), bits, group, symmetric)
-                    for n, m in encoder_linears(model).items()}
+        qweights = {n: quantize_rtn(m.weight.detach(), bits, group, symmetric) for n, m in linears.items()}
     if not qweights:
         raise RecipeError("quantize: the encoder has no float layer linears left to quantize")
     spec = swap_linears(model, qweights, w8a8=method == "smoothquant")

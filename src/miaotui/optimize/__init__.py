@@ -5,10 +5,12 @@
     print(result.message)          # the choice, its speed and its held-out quality
     result.report["candidates"]    # every candidate: recipe, quality, speed, bytes, time
 
-Modules: ``budget`` (SPEC parsing), ``splits`` (search / held-out windows and the source's reference),
-``sensitivity`` (per-layer), ``candidates`` (what to try, what cannot win), ``measure`` (build, quality,
-speed), ``cache`` (resumable results), ``pareto``, ``search`` (the loop, time limit, the choice),
-``report`` (report.md, report.json, pareto.png).
+Modules: ``budget`` (SPEC parsing), ``loop`` (the loop every model kind shares: cache, time limit, the
+choice, held-out check), ``cache`` (resumable results), ``pareto``, ``report`` (report.md, report.json,
+pareto.png); decoders: ``search`` (the decoder search and ``optimize``, which picks the kind), ``splits``
+(search / held-out windows and the source's reference), ``sensitivity`` (per-layer), ``candidates`` (what
+to try, what cannot win), ``measure`` (build, quality, speed); encoders: ``encoder_search``,
+``encoder_splits`` (paragraphs), ``encoder_sensitivity``, ``encoder_candidates``, ``encoder_measure``.
 """
 
 from miaotui.optimize.budget import Budget, BudgetError, parse_budget

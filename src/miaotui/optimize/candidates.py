@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from miaotui.compress.quant.mixed import module_settings
 from miaotui.compress.quant.qtensor import check_group
-from miaotui.compress.recipe import BUILTIN, STEPS
+from miaotui.compress.recipe import BUILTIN, STEPS, quant_overrides
 
 
 @dataclass
@@ -108,9 +108,9 @@ class ModelShape:
 
 
 def _quant_bytes(out_f: int, in_f: int, bits: int, group: int | None) -> int:
-    if bits == 8:  # int8 codes + an fp32 scale per row
-        return out_f * in_f + 4 * out_f
     g = check_group(in_f, group)
+    if bits == 8:  # int8 codes + an fp32 scale per row or per group
+        return out_f * in_f + 4 * out_f * (in_f // g)
     return out_f * in_f // 2 + 8 * out_f * (in_f // g)  # packed codes + fp32 scale and zero per group
 
 
@@ -124,19 +124,19 @@ def estimate(shape: ModelShape, steps: list[dict]) -> tuple[int, frozenset[str]]
     p = dict(steps[0]["quantize"] or {})
     method = p.get("method", "rtn")
     bits = p.get("bits", 8 if method == "smoothquant" else 4)
-    base = {"bits": bits, "group_size": None if bits == 8 else p.get("group_size", 128)}
+    overrides = quant_overrides(method, p)  # the per-module formats the step will build (int8 groups)
+    base = {"bits": bits, "group_size": p.get("group_size", None if bits == 8 else 128)}
     total, kinds = shape.total_bytes, set()
     for name, (out_f, in_f) in shape.linears.items():
-        s = module_settings(name, base, p.get("overrides"))
+        s = module_settings(name, base, overrides)
         if s is None:
             kinds.add("dense")
             continue
-        g = None if s["bits"] == 8 else s.get("group_size", 128)
-        total += _quant_bytes(out_f, in_f, s["bits"], g) - 4 * out_f * in_f
+        total += _quant_bytes(out_f, in_f, s["bits"], s.get("group_size")) - 4 * out_f * in_f
         kinds.add("w8a8" if method == "smoothquant" else f"int{s['bits']}")
     if shape.head is not None and p.get("head", "int8") == "int8":
         out_f, in_f = shape.head
-        total += _quant_bytes(out_f, in_f, 8, None) - 4 * out_f * in_f
+        total += _quant_bytes(out_f, in_f, 8, p.get("head_group_size")) - 4 * out_f * in_f
     return total, frozenset(kinds)
 
 
@@ -185,8 +185,11 @@ def propose(state: SearchState, shape: ModelShape) -> Iterator[Candidate]:
         yield Candidate("int4-rtn-g64", _quant("rtn", bits=4, group_size=64), "groups", note="int4 RTN, group 64")
         yield Candidate("int4-g32", _builtin("int4-g32"), "groups",
                         note="int4 RTN, group 32, float zero point (re-finds GGUF Q4_1 weights)")
+    # RTN (seconds to build), not the built-in int8 recipe (GPTQ, group-wise: minutes of calibration)
+    int8_rtn = Candidate("int8", _quant("rtn", bits=8, group_size=None, symmetric=True), "uniform",
+                         note="int8 RTN per channel")
     if "uniform" in fam:
-        yield Candidate("int8", _builtin("int8"), "uniform", note="int8 per channel")
+        yield int8_rtn
     n = shape.n_layers
 
     def mixed_family(base: Candidate, hi: int) -> Iterator[Candidate]:
@@ -204,7 +207,7 @@ def propose(state: SearchState, shape: ModelShape) -> Iterator[Candidate]:
 
     # mixed precision needs both ends measured: int4 failing, int8 passing
     int4_rtn = Candidate("int4-rtn", _builtin("int4-rtn"), "uniform")
-    if state.outcome(Candidate("int8", _builtin("int8"), "uniform")) == "pass":
+    if state.outcome(int8_rtn) == "pass":
         yield from mixed_family(int4_rtn, n)
 
     if "calibrated" in fam:

@@ -9,7 +9,11 @@ from pathlib import Path
 from miaotui.errors import MiaotuiError
 
 DEFAULT_TIME_LIMIT = 30 * 60.0
-FAMILIES = ("uniform", "groups", "mixed", "calibrated", "prune", "lowrank", "distill")
+# decoders: decode, prefill, throughput (tok/s), memory; encoders: throughput (texts/s), latency, memory
+OBJECTIVES = ("decode", "prefill", "throughput", "memory", "latency")
+# decoders: all but "dtype"; encoders: dtype (bf16), uniform (int8/int4 weight-only), calibrated (W8A8),
+# mixed (W8A8 with sensitive layers float), prune (heads, layers), distill ("groups", "lowrank": decoders only)
+FAMILIES = ("dtype", "uniform", "groups", "mixed", "calibrated", "prune", "lowrank", "distill")
 
 
 class OptimizeError(MiaotuiError):
@@ -42,10 +46,10 @@ def parse_duration(text: str | float | int) -> float:
 
 @dataclass
 class OptimizeConfig:
-    model: str | None  # source: HF folder, GGUF file (None: the default model)
+    model: str | None  # source: HF folder, GGUF file, encoder folder (None: the default model for the budget)
     budget: str
     output: Path
-    objective: str = "decode"
+    objective: str | None = None  # None: "decode" for decoders, "throughput" for encoders
     time_limit: float = DEFAULT_TIME_LIMIT  # seconds, everything included
     data: str | None = None  # evaluation text (default: the WikiText excerpt)
     resume: bool = True  # reuse the results cached in ``output``
@@ -53,6 +57,10 @@ class OptimizeConfig:
     search_windows: int = 4
     heldout_windows: int = 4
     sensitivity_windows: int = 2
+    # encoders: paragraphs of the data (None: up to 64 / 32 / 32, or 2/3, 1/3 and 1/2 of a shorter text)
+    search_texts: int | None = None
+    heldout_texts: int | None = None
+    sensitivity_texts: int | None = None
     max_candidates: int | None = None  # stop after this many measured candidates (cached ones count)
     families: tuple[str, ...] = FAMILIES
     calib: str | None = None
@@ -66,10 +74,8 @@ class OptimizeConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from miaotui.optimize.measure import OBJECTIVES
-
         self.output = Path(self.output)
-        if self.objective not in OBJECTIVES:
+        if self.objective is not None and self.objective not in OBJECTIVES:
             raise OptimizeError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         unknown = set(self.families) - set(FAMILIES)
         if unknown:
@@ -80,3 +86,7 @@ class OptimizeConfig:
             raise OptimizeError(f"max candidates must be at least 1, got {self.max_candidates}")
         if self.ctx < 8:
             raise OptimizeError(f"ctx must be at least 8 tokens, got {self.ctx}")
+        for name in ("search_texts", "heldout_texts", "sensitivity_texts"):
+            n = getattr(self, name)
+            if n is not None and n < 2:  # a similarity rank correlation needs pairs
+                raise OptimizeError(f"{name.replace('_', ' ')} must be at least 2, got {n}")

@@ -83,9 +83,10 @@ def build(shared: Shared, steps: list[dict], name: str) -> tuple[Any, dict, list
     """Run ``steps`` on a fresh copy of the source: (LoadedModel, module map, step records, seconds)."""
     t0 = time.perf_counter()
     loaded = fresh_copy(shared.source)
-    ctx = Context(loaded, shared.calibration, progress=False, _ids=shared.calib_ids, _teacher=shared.source)
+    ctx = Context(loaded, shared.calibration, progress=False, calib_tokens=shared.calib_ids,
+                  teacher_model=shared.source)
     records = run_recipe(ctx, {"name": name, "steps": steps})
-    shared.calib_ids = ctx._ids  # the first calibrated step computed them: the others reuse them
+    shared.calib_ids = ctx.calib_tokens  # the first calibrated step computed them: the others reuse them
     return loaded, ctx.modules, records, time.perf_counter() - t0
 
 

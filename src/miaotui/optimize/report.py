@@ -34,7 +34,49 @@ def _num(x: float | None, digits: int = 4) -> str:
 
 def _speed(r: dict, report: dict) -> str:
     sp = r.get("speed")
-    return "–" if not sp else f"{sp['value']:.1f}"
+    if not sp:
+        return "–"
+    return f"{sp['value']:.1f}" if abs(sp["value"]) >= 10 else f"{sp['value']:.3g}"
+
+
+def _encoder(report: dict) -> bool:
+    return report.get("kind") == "encoder"
+
+
+def _data_line(report: dict) -> str:
+    d = report["data"]
+    if _encoder(report):
+        return (f"- data: {d['file']}, {d['search_texts']} search + {d['heldout_texts']} held-out paragraphs; "
+                "quality: embeddings against the source's (cosine, similarity Spearman)")
+    return (f"- data: {d['file']}, {d['search_windows']} search + {d['heldout_windows']} held-out windows of "
+            f"{d['ctx']} tokens; source perplexity {d['reference_perplexity_search']:.4f} (search), "
+            f"{d['reference_perplexity_heldout']:.4f} (held-out)")
+
+
+def _heldout_lines(report: dict) -> list[str]:
+    h, path = report["heldout"], report.get("checkpoint", {}).get("path", "DIR")
+    if _encoder(report):
+        dtype = next((r.get("dtype") for r in report["candidates"] if r["name"] == report["chosen"]), None)
+        return [f"Held-out check of `{report['chosen']}`: mean cosine {h['mean_cosine']:.5f} (min "
+                f"{h['min_cosine']:.5f}), similarity Spearman {h['similarity_spearman']:.5f}.", "",
+                "```bash", f"miaotui embed --model {path}{' --dtype bf16' if dtype == 'bf16' else ''} "
+                "\"a cat sits on the mat\"", "```", ""]
+    return [f"Held-out check of `{report['chosen']}`: perplexity {h['perplexity']:.4f} (source "
+            f"{h['reference_perplexity']:.4f}), KLD {_num(h.get('kld_mean'))}, top-1 "
+            f"{100 * h['top1_agreement']:.2f}%.", "",
+            "```bash", f"miaotui generate --model {path} \"The capital of France is\"", "```", ""]
+
+
+def _quality_columns(report: dict) -> tuple[str, str]:
+    if _encoder(report):
+        return "mean cosine | min cosine | spearman", "---:|---:|---:"
+    return "perplexity | KLD | top-1", "---:|---:|---:"
+
+
+def _quality_cells(report: dict, q: dict) -> str:
+    if _encoder(report):
+        return f"{q['mean_cosine']:.5f} | {q['min_cosine']:.4f} | {q['similarity_spearman']:.5f}"
+    return f"{q['perplexity']:.4f} | {_num(q.get('kld_mean'))} | {100 * q['top1_agreement']:.2f}%"
 
 
 def markdown(report: dict) -> str:
@@ -43,39 +85,32 @@ def markdown(report: dict) -> str:
     lines = [f"# miaotui optimize: {Path(report['model']).name}", "",
              f"- budget: `{report['budget']}` · objective: {report['objective']} ({report['objective_label']}, "
              f"{unit}, {'higher' if report['higher_is_better'] else 'lower'} is better)",
-             f"- data: {report['data']['file']}, {report['data']['search_windows']} search + "
-             f"{report['data']['heldout_windows']} held-out windows of {report['data']['ctx']} tokens; source "
-             f"perplexity {report['data']['reference_perplexity_search']:.4f} (search), "
-             f"{report['data']['reference_perplexity_heldout']:.4f} (held-out)",
+             _data_line(report),
              f"- time: {report['time']['spent_s']:.0f} s of a {report['time']['limit_s']:.0f} s limit · "
              f"{report['counts']['measured']} measured ({report['counts']['built']} built now, "
              f"{report['counts']['from_cache']} from the cache), {report['counts']['skipped']} skipped"
              + (f" · stopped: {report['stopped']}" if report.get("stopped") else ""),
              "", f"**{report['status']}**: {report['message']}", ""]
     if report.get("heldout"):
-        h = report["heldout"]
-        lines += [f"Held-out check of `{report['chosen']}`: perplexity {h['perplexity']:.4f} (source "
-                  f"{h['reference_perplexity']:.4f}), KLD {_num(h.get('kld_mean'))}, top-1 "
-                  f"{100 * h['top1_agreement']:.2f}%.", ""]
-        lines += ["```bash", f"miaotui generate --model {report.get('checkpoint', {}).get('path', 'DIR')} "
-                  "\"The capital of France is\"", "```", ""]
+        lines += _heldout_lines(report)
     for r in report.get("heldout_rejected", []):
         lines.append(f"- `{r['name']}` was within budget on the search split but not on the held-out split: "
                      f"{'; '.join(r['failures'])}")
+    head, align = _quality_columns(report)
     lines += ["## Candidates (search split)", "",
-              f"| candidate | {report['objective']} ({unit}) | MB | perplexity | KLD | top-1 | within budget | "
-              "frontier | build s | total s |",
-              "|---|---:|---:|---:|---:|---:|:-:|:-:|---:|---:|"]
+              f"| candidate | {report['objective']} ({unit}) | MB | {head} | within budget | frontier | build s | "
+              "total s |",
+              f"|---|---:|---:|{align}|:-:|:-:|---:|---:|"]
     frontier = set(report["frontier"])
     measured = [r for r in report["candidates"] if r.get("status") == "measured"]
     sign = 1 if report["higher_is_better"] else -1
     for r in sorted(measured, key=lambda r: -sign * r["speed"]["value"]):
-        q = r["quality"]
         name = f"**{r['name']}**" if r["name"] == report["chosen"] else r["name"]
         lines.append(f"| {name}{' (cached)' if r['from_cache'] else ''} | {_speed(r, report)} | "
-                     f"{r['bytes'] / 1e6:.1f} | {q['perplexity']:.4f} | {_num(q.get('kld_mean'))} | "
-                     f"{100 * q['top1_agreement']:.2f}% | {'yes' if r['in_budget'] else 'no'} | "
-                     f"{'●' if r['name'] in frontier else ''} | {r.get('build_s', 0):.1f} | {r.get('total_s', 0):.1f} |")
+                     f"{r['bytes'] / 1e6:.1f} | {_quality_cells(report, r['quality'])} | "
+                     f"{'yes' if r['in_budget'] else 'no'} | "
+                     f"{'●' if r['name'] in frontier else ''} | {r.get('build_s', 0):.1f} | "
+                     f"{r.get('total_s', 0):.1f} |")
     errors = [r for r in report["candidates"] if r.get("status") == "error"]
     if errors:
         lines += ["", "Failed to build:", ""] + [f"- `{r['name']}`: {r['error']}" for r in errors]
@@ -84,15 +119,20 @@ def markdown(report: dict) -> str:
     lines += ["", "## Recipes", ""]
     for r in report["candidates"]:
         steps = json.dumps(r["steps"]) if r["steps"] else "(none: the source)"
+        if r.get("dtype"):
+            steps += f" in {r['dtype']}"
         lines.append(f"- `{r['name']}` ({r['family']}): {r.get('note') or ''} — `{steps}`")
     sens = {k: v for k, v in report.get("sensitivity", {}).items() if v}
     for kind, s in sens.items():
-        what = "its linears int4-quantized alone" if kind == "quant" else "removed alone"
-        order = sorted(range(len(s["kld"])), key=lambda i: -s["kld"][i])
-        lines += ["", f"## Per-layer sensitivity ({kind}: each layer {what}; KLD on {s['settings']['windows']} "
-                      "window(s))", "",
-                  "most sensitive: " + ", ".join(f"layer {i} ({_num(s['kld'][i], 3)})" for i in order[:8]),
-                  "least sensitive: " + ", ".join(f"layer {i} ({_num(s['kld'][i], 3)})" for i in order[::-1][:8])]
+        what = {"quant": "its linears int4-quantized alone",
+                "w8a8": "its linears W8A8 alone"}.get(kind, "removed alone")
+        scores, measure = s.get("scores", s.get("kld")), s.get("measure", "kld")
+        on = (f"{s['settings']['texts']} paragraph(s)" if "texts" in s["settings"]
+              else f"{s['settings'].get('windows')} window(s)")
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        lines += ["", f"## Per-layer sensitivity ({kind}: each layer {what}; {measure} on {on})", "",
+                  "most sensitive: " + ", ".join(f"layer {i} ({_num(scores[i], 3)})" for i in order[:8]),
+                  "least sensitive: " + ", ".join(f"layer {i} ({_num(scores[i], 3)})" for i in order[::-1][:8])]
     lines += ["", f"Quality axis of the frontier: {axis['metric']} ({axis['op']} is within budget); speed measured "
                   "on this machine while it ran (numbers from a loaded machine are noisy).", ""]
     return "\n".join(lines)

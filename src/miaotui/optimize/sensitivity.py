@@ -26,21 +26,32 @@ KINDS = ("quant", "drop")
 
 @dataclass
 class Sensitivity:
-    kind: str  # "quant" | "drop"
-    kld: list[float]  # per layer, the mean KLD with only that layer compressed
+    kind: str  # "quant" | "drop" (encoders: "w8a8" | "drop", ``encoder_sensitivity.py``)
+    scores: list[float]  # per layer, the quality lost with only that layer compressed (higher: more sensitive)
     settings: dict
+    measure: str = "kld"  # what ``scores`` holds: "kld" (decoders: mean KLD), "1-cosine" (encoders)
+
+    @property
+    def kld(self) -> list[float]:
+        """The decoders' name for the scores (mean KL divergence per layer)."""
+        return self.scores
 
     def most_sensitive(self, k: int) -> list[int]:
         """The ``k`` layers whose compression costs most (ties: the lower index first)."""
-        order = sorted(range(len(self.kld)), key=lambda i: (-self.kld[i], i))
+        order = sorted(range(len(self.scores)), key=lambda i: (-self.scores[i], i))
         return sorted(order[:k])
 
     def least_sensitive(self, k: int) -> list[int]:
-        order = sorted(range(len(self.kld)), key=lambda i: (self.kld[i], i))
+        order = sorted(range(len(self.scores)), key=lambda i: (self.scores[i], i))
         return sorted(order[:k])
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "kld": self.kld, "settings": self.settings}
+        return {"kind": self.kind, "measure": self.measure, "scores": self.scores, "settings": self.settings}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sensitivity":
+        """What ``to_dict`` wrote (or an older cache's ``kld`` list)."""
+        return cls(d["kind"], d.get("scores", d.get("kld")), d["settings"], d.get("measure", "kld"))
 
 
 def _kld(model, reference: ReferenceLogits) -> float:

@@ -50,8 +50,10 @@ def quantized_weight(module: nn.Module) -> QuantizedWeight:
 
     if isinstance(module, Int4Linear):  # asymmetric storage (symmetric codes are kept with zero = 8)
         return QuantizedWeight(module.codes().to(torch.int16), module.scale, module.zero, 4, module.group_size)
-    if isinstance(module, (Int8Linear, W8A8Linear)):  # symmetric, per output channel
-        return QuantizedWeight(module.qweight.to(torch.int16), module.scale[:, None], None, 8, module.in_features)
+    if isinstance(module, (Int8Linear, W8A8Linear)):  # symmetric, per output channel or (int8) per group
+        scale = module.scale if module.scale.dim() == 2 else module.scale[:, None]
+        group = getattr(module, "group_size", module.in_features)
+        return QuantizedWeight(module.qweight.to(torch.int16), scale, None, 8, group)
     raise TPError(f"cannot shard a {type(module).__name__}: tensor parallel supports nn.Linear and the "
                   "quantized linears of compress/quant/qlinear.py")
 

@@ -6,8 +6,8 @@
 
 Names are the fused model's qualified names (``model.layers.3.self_attn.qkv_proj``, ``...mlp.gate_up_proj``),
 matched with ``fnmatch`` (``*`` crosses dots). ``skip: true`` leaves a module in float. The quantizers take
-the overrides as given; ``recipe.run_quantize`` completes them first (an 8-bit module runs per output
-channel and symmetric, the int8 runtime's only format) and rejects globs that match nothing.
+the overrides as given; ``recipe.run_quantize`` completes them first (an 8-bit module is symmetric, per
+output channel unless it names a group size or inherits an int8 step's) and rejects globs that match nothing.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Packed quantized linears that drop in for ``nn.Linear``; the model never knows which it holds.
 
-- ``Int8Linear``: weight-only int8, per output channel, symmetric.
+- ``Int8Linear``: weight-only int8, symmetric, per output channel or per group of input columns.
 - ``Int4Linear``: weight-only int4, group-wise, asymmetric (symmetric codes are stored with zero = 8).
 - ``W8A8Linear``: int8 weights and int8 activations quantized per token at run time (SmoothQuant target).
 
@@ -57,31 +57,65 @@ class QuantLinear(nn.Module):
 
 
 class Int8Linear(QuantLinear):
+    """Symmetric int8 weights, ``w = q * scale``: one scale per output channel (``scale`` [out]) or per
+    group of ``group_size`` input columns (``scale`` [out, in / group_size]).
+
+    Groups follow the weights' own block structure (GGUF sources are quantized in blocks of 32 columns, so a
+    row-wide scale wastes range on the row's widest block); per-channel checkpoints keep their 1-D scale.
+    Grouped products run in the native kernel where it loads (``miaotui.kernels.int8_group_supported``),
+    else dequantize-then-matmul: PyTorch's ``_weight_int8pack_mm`` takes one scale per row only."""
+
     kind = "int8"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int | None = None):
         super().__init__(in_features, out_features, bias)
+        group_size = in_features if group_size in (None, -1) else group_size
+        if group_size <= 0 or in_features % group_size:
+            raise ValueError(f"group size {group_size} must divide in_features {in_features}")
+        self.group_size = group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones(out_features))
-        self.register_buffer("scale_bf16", torch.ones(out_features, dtype=torch.bfloat16), persistent=False)
+        shape = (out_features, in_features // group_size) if self.grouped else (out_features,)
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("scale_bf16", None if self.grouped else torch.ones(out_features, dtype=torch.bfloat16),
+                             persistent=False)
+
+    @property
+    def grouped(self) -> bool:
+        return self.group_size < self.in_features
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "Int8Linear":
-        if qw.bits != 8 or not qw.symmetric or qw.group_size != qw.shape[1]:
-            raise ValueError("Int8Linear takes symmetric per-channel 8-bit weights")
-        m = cls(qw.shape[1], qw.shape[0], bias is not None)
+        if qw.bits != 8 or not qw.symmetric or qw.shape[1] % qw.group_size:
+            raise ValueError("Int8Linear takes symmetric 8-bit weights with a group size dividing in_features, "
+                             f"got bits={qw.bits}, symmetric={qw.symmetric}, group={qw.group_size}")
+        m = cls(qw.shape[1], qw.shape[0], bias is not None, group_size=qw.group_size)
         m.qweight.copy_(qw.q.to(torch.int8))
-        m.scale.copy_(qw.scale[:, 0])
+        m.scale.copy_(qw.scale if m.grouped else qw.scale[:, 0])
         if bias is not None:
             m.bias.data.copy_(bias.float())
         return m
 
+    def scale_columns(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The scale as [out, groups] (groups = 1 per channel): what multiplies ``qweight`` viewed by group."""
+        s = self.scale.to(dtype)
+        return s if self.grouped else s.unsqueeze(1)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.qweight.to(dtype) * self.scale.to(dtype).unsqueeze(1)
+        q = self.qweight.view(self.out_features, -1, self.group_size).to(dtype)
+        return (q * self.scale_columns(dtype).unsqueeze(-1)).view(self.out_features, self.in_features)
+
+    def dequantize_rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``ids`` of the dequantized weight (an embedding lookup into a tied int8 head): [*ids, in]."""
+        q = F.embedding(ids, self.qweight).to(dtype).view(*ids.shape, -1, self.group_size)
+        s = F.embedding(ids, self.scale_columns(dtype))  # [*ids, groups]
+        return (q * s.unsqueeze(-1)).view(*ids.shape, self.in_features)
 
     def prepare(self) -> None:
-        self.scale_bf16 = self.scale.to(torch.bfloat16)
         self.packed_rows, self.native = 0, False
+        if self.grouped:
+            self._prepare_grouped()
+            return
+        self.scale_bf16 = self.scale.to(torch.bfloat16)
         torch_ok = kernels.int8pack_supported() and self.qweight.device.type == "cpu"
         if kernels.native_supported(self.qweight):
             # where PyTorch's kernel is fast too (AVX-512 builds), the faster of the two on one row decides
@@ -95,6 +129,15 @@ class Int8Linear(QuantLinear):
         elif torch_ok:
             key = ("int8", self.out_features, self.in_features)
             self.packed_rows = kernels.packed_rows_limit(key, self._packed, self._dense, self.in_features)
+
+    def _prepare_grouped(self) -> None:
+        # only the native kernel takes group scales; without it every input is dequantize-then-matmul
+        if self.group_size % native.INT8_GROUP_MULTIPLE == 0 and kernels.native_supported(self.qweight) \
+                and native.int8_group_supported():
+            self.native = True
+            key = ("int8-native", self.out_features, self.in_features, self.group_size)
+            self.packed_rows = kernels.packed_rows_limit(key, self._packed, self._dense, self.in_features,
+                                                         assume=kernels.NATIVE_ASSUMED_ROWS)
 
     def _native_mm(self, x: torch.Tensor) -> torch.Tensor:
         return native.int8_gemv(x, self.qweight, self.scale, self.bias)
@@ -110,6 +153,9 @@ class Int8Linear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._packed(x) if _rows(x) <= self.packed_rows else self._dense(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", group={self.group_size}" if self.grouped else "")
 
 
 class Int4Linear(QuantLinear):
@@ -221,8 +267,20 @@ class W8A8Linear(QuantLinear):
         self.use_fbgemm = False
         self._fbgemm_weight = None  # fbgemm's packed weight (not a tensor: never saved)
 
-    from_quantized = classmethod(Int8Linear.from_quantized.__func__)
-    dequantize = Int8Linear.dequantize
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "W8A8Linear":
+        # the integer product applies one weight scale per output row after the sum: no groups
+        if qw.bits != 8 or not qw.symmetric or qw.group_size != qw.shape[1]:
+            raise ValueError("W8A8Linear takes symmetric per-channel 8-bit weights")
+        m = cls(qw.shape[1], qw.shape[0], bias is not None)
+        m.qweight.copy_(qw.q.to(torch.int8))
+        m.scale.copy_(qw.scale[:, 0])
+        if bias is not None:
+            m.bias.data.copy_(bias.float())
+        return m
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.qweight.to(dtype) * self.scale.to(dtype).unsqueeze(1)
 
     def prepare(self) -> None:
         # torch._int_mm only pays off with VNNI/AMX int8 dot products; otherwise the same integer math runs

@@ -13,7 +13,8 @@ def quantize_model_rtn(model: nn.Module, bits: int = 4, group_size: int | None =
                        float_zero: bool = False, progress: bool = False,
                        overrides: dict[str, dict] | None = None) -> dict[str, QuantizedWeight]:
     """``{qualified name: QuantizedWeight}`` for every plain Linear inside the decoder layers (the embedding
-    and the output head stay float). int8 per-channel symmetric: ``bits=8, group_size=None, symmetric=True``.
+    and the output head stay float). int8 per-channel symmetric: ``bits=8, group_size=None, symmetric=True``
+    (``group_size=64``: one scale per 64 input columns).
     ``float_zero``: the [min, max] grid with a float zero point (see ``qtensor.group_params``).
     ``overrides``: per-module settings by glob (``quant/mixed.py``); a skipped module is left out."""
     from tqdm import tqdm

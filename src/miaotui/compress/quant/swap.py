@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from miaotui.compress.lowrank import FactorizedLinear
@@ -49,8 +48,8 @@ def module_spec(m: QuantLinear | FactorizedLinear) -> dict:
         return m.spec()
     spec = {"kind": m.kind, "in_features": m.in_features, "out_features": m.out_features,
             "bias": m.bias is not None}
-    if isinstance(m, Int4Linear):
-        spec["group_size"] = m.group_size
+    if isinstance(m, Int4Linear) or (isinstance(m, Int8Linear) and m.grouped):
+        spec["group_size"] = m.group_size  # absent for per-channel int8 (checkpoints written before groups)
     return spec
 
 
@@ -61,6 +60,8 @@ def build_module(spec: dict) -> QuantLinear | FactorizedLinear:
     args = (spec["in_features"], spec["out_features"])
     if cls is Int4Linear:
         return Int4Linear(*args, spec["group_size"], bias=spec["bias"])
+    if cls is Int8Linear:
+        return Int8Linear(*args, bias=spec["bias"], group_size=spec.get("group_size"))
     return cls(*args, bias=spec["bias"])
 
 
@@ -77,9 +78,7 @@ class Int8Embedding(nn.Module):
         return head.qweight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        head = self.head[0]
-        rows = F.embedding(ids, head.qweight).to(self.dtype)
-        return rows * head.scale[ids].unsqueeze(-1).to(self.dtype)
+        return self.head[0].dequantize_rows(ids, self.dtype)
 
 
 def tied_embedding_name(model: nn.Module) -> str | None:
@@ -90,13 +89,15 @@ def tied_embedding_name(model: nn.Module) -> str | None:
                 None)
 
 
-def quantize_head(model: nn.Module) -> dict[str, dict]:
-    """int8 per-channel RTN on ``lm_head`` (on SmolLM2 it is a fifth of the weights, read every token).
+def quantize_head(model: nn.Module, group_size: int | None = None) -> dict[str, dict]:
+    """int8 symmetric RTN on ``lm_head`` (on SmolLM2 it is a fifth of the weights, read every token), per
+    output channel (``group_size`` None) or per group of input columns (rounded to a divisor by
+    ``qtensor.check_group``).
 
     A tied input embedding then reads its rows from the same int8 tensor."""
     head = model.lm_head
     tied = tied_embedding_name(model)
-    qw = quantize_rtn(head.weight.detach(), bits=8, group_size=None, symmetric=True)
+    qw = quantize_rtn(head.weight.detach(), bits=8, group_size=group_size, symmetric=True)
     new = Int8Linear.from_quantized(qw, head.bias.detach() if head.bias is not None else None)
     model.lm_head = new
     spec = {"lm_head": module_spec(new)}
