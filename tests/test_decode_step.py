@@ -184,6 +184,18 @@ def test_where_it_does_not_apply_the_runner_falls_back(hf_folder, monkeypatch, c
     torch.testing.assert_close(out, ref)
 
 
+def test_a_layout_the_step_cannot_run_falls_back_with_the_reason(hf_folder):
+    """Layers with different head counts (a hand-pruned model): the plan's shape check refuses it, and the
+    build reports why instead of raising."""
+    model = tiny(hf_folder, "llama-gqa-untied")
+    prepare_for_inference(model)
+    attn = model.model.layers[1].self_attn
+    attn.qkv_proj = torch.nn.Linear(attn.qkv_proj.in_features, attn.qkv_proj.out_features - attn.head_dim)
+    model.setup_cache(batch=1, max_seq_len=16)
+    step, why = NativeDecode.build(model)
+    assert step is None and "qkv projection" in why
+
+
 def test_a_position_outside_the_cache_is_refused(hf_folder):
     """One position past the end, or a block that would run past it."""
     model = tiny(hf_folder, "llama-gqa-untied")

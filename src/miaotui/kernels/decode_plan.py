@@ -105,22 +105,25 @@ class NativeDecode:
             first.qkv_split[0] // a.head_dim if first.qkv_proj is not None else a.num_attention_heads,
             n_kv or a.num_key_value_heads, a.head_dim, float(a.rms_norm_eps), a.sliding_window or 0,
             model.rope_cos.float().contiguous(), model.rope_sin.float().contiguous())
-        for blk in layers:
-            attn, mlp = blk.self_attn, blk.mlp
-            if attn.qkv_proj is None or mlp.gate_up_proj is None:
-                return None, "unfused q/k/v or gate/up projections"
-            ids = []
-            for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                args = _linear_args(m)
-                if isinstance(args, str):
-                    return None, args
-                ids.append(plan.add_linear(*args))
-            plan.add_layer(_fp32(blk.input_layernorm.weight), _fp32(blk.post_attention_layernorm.weight),
-                           attn.kv_cache.k, attn.kv_cache.v, *ids)
-        head = _linear_args(model.lm_head)
-        if isinstance(head, str):
-            return None, f"head: {head}"
-        plan.set_head(_fp32(model.model.norm.weight), plan.add_linear(*head))
+        try:  # the plan checks every shape; one it cannot run (e.g. layers pruned to different head counts)
+            for blk in layers:
+                attn, mlp = blk.self_attn, blk.mlp
+                if attn.qkv_proj is None or mlp.gate_up_proj is None:
+                    return None, "unfused q/k/v or gate/up projections"
+                ids = []
+                for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                    args = _linear_args(m)
+                    if isinstance(args, str):
+                        return None, args
+                    ids.append(plan.add_linear(*args))
+                plan.add_layer(_fp32(blk.input_layernorm.weight), _fp32(blk.post_attention_layernorm.weight),
+                               attn.kv_cache.k, attn.kv_cache.v, *ids)
+            head = _linear_args(model.lm_head)
+            if isinstance(head, str):
+                return None, f"head: {head}"
+            plan.set_head(_fp32(model.model.norm.weight), plan.add_linear(*head))
+        except RuntimeError as e:  # keeps the PyTorch path, which runs any layout the model file does
+            return None, f"layout the fused step does not cover: {str(e).splitlines()[0]}"
         return cls(model, plan, caches[0]), ""
 
     def current(self) -> bool:
