@@ -5,8 +5,9 @@
 // a fork/join per GEMV and per attention matmul): 5-6 ms of a 12 ms int4 step on this 2-core machine. Here
 // the whole layer stack runs inside a single OpenMP region: the GEMVs split their output tiles between
 // the threads, attention splits its heads, every thread computes the small vector ops (norms, RoPE, SiLU,
-// residuals) for itself, and five barriers per layer separate the stages. The arithmetic is the model's own (fp32 activations; weights
-// read by the GEMV kernels of gemv_kernels.h), so logits equal the PyTorch path up to fp32 summation order.
+// residuals) for itself, and five barriers per layer separate the stages. The arithmetic is the model's
+// own in fp32, with the weights read by the GEMV kernels of gemv_kernels.h (int8/int4: activations rounded
+// to int16 per block of 32), so logits equal the PyTorch path up to summation order and that rounding.
 //
 // The plan is built once per KV cache from Python (kernels/decode_plan.py), which refuses anything it does
 // not cover (other architectures, int8 KV caches, sharded or sparse linears) so those keep the PyTorch path.
