@@ -81,17 +81,6 @@ class EncoderSearch(SearchLoop):
     def propose(self) -> Iterator[Candidate]:
         return propose_encoder(self, self.shape)
 
-    def _calib(self) -> list:
-        cfg = self.cfg
-        return [cfg.calib, cfg.calib_samples, cfg.calib_len, cfg.seed]
-
-    def search_key(self) -> dict[str, Any]:
-        return {"split": self.splits.split_id("search"), "objective": self.cfg.objective,
-                "speed": self.speed_settings.to_dict(), "calib": self._calib()}
-
-    def heldout_key(self) -> dict[str, Any]:
-        return {"split": self.splits.split_id("heldout"), "calib": self._calib()}
-
     def heldout_share(self) -> float:
         return len(self.splits.heldout) / max(len(self.splits.search), 1)
 

@@ -130,12 +130,18 @@ class SearchLoop:
     def propose(self) -> Iterator[Candidate]:
         raise NotImplementedError
 
+    def _calib(self) -> list:
+        cfg = self.cfg
+        return [cfg.calib, cfg.calib_samples, cfg.calib_len, cfg.seed]
+
     def search_key(self) -> dict[str, Any]:
-        """What a search result depends on besides the recipe (split, objective, speed settings, ...)."""
-        raise NotImplementedError
+        """What a search result depends on besides the recipe: the split, objective, speed settings and
+        calibration (subclasses set ``splits`` and ``speed_settings`` in ``prepare``)."""
+        return {"split": self.splits.split_id("search"), "objective": self.cfg.objective,
+                "speed": self.speed_settings.to_dict(), "calib": self._calib()}
 
     def heldout_key(self) -> dict[str, Any]:
-        raise NotImplementedError
+        return {"split": self.splits.split_id("heldout"), "calib": self._calib()}
 
     def build(self, c: Candidate) -> tuple[Built, float]:
         """``c`` built on a fresh copy of the source: ``((loaded, modules, records), seconds)``."""

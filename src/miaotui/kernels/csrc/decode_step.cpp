@@ -194,7 +194,7 @@ class DecodePlan : public torch::CustomClassHolder {
         if (int8q_ok(l.K, l.G)) {
           const Int8QArgs a{sc.xq.data(), sc.xsc.data(), l.K, l.N, l.G, l.w.data_ptr<int8_t>(),
                             l.scale.data_ptr<float>(), bias, out};
-          int8q_tiles(a, M, t0, t1);
+          q_tiles(a, M, t0, t1);
         } else {
           dense_tiles<int8_t>(in, M, l.K, l.w.data_ptr<int8_t>(), l.N, l.scale.data_ptr<float>(), l.G, bias, out,
                               t0, t1);
@@ -203,7 +203,7 @@ class DecodePlan : public torch::CustomClassHolder {
       default: {
         const Int4QArgs a{sc.xq.data(), sc.xsc.data(), sc.xsum.data(), l.K, l.N, l.G, l.group,
                           l.w.data_ptr<uint8_t>(), l.scale.data_ptr<float>(), l.zero.data_ptr<float>(), bias, out};
-        int4q_tiles(a, M, t0, t1);
+        q_tiles(a, M, t0, t1);
       }
     }
   }

@@ -71,7 +71,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     int8q_activations(x.data_ptr<float>(), M, K, xq.data(), xsc.data());
     const Int8QArgs a{xq.data(), xsc.data(), K, N, G, w.data_ptr<int8_t>(), scale.data_ptr<float>(),
                       bias_ptr(bias, N), y.data_ptr<float>()};
-    at::parallel_for(0, tiles_of(N), grain_tiles(kTile * K), [&](int64_t t0, int64_t t1) { int8q_tiles(a, M, t0, t1); });
+    at::parallel_for(0, tiles_of(N), grain_tiles(kTile * K), [&](int64_t t0, int64_t t1) { q_tiles(a, M, t0, t1); });
     return y;
   }
   gemv_rows<int8_t>(x.data_ptr<float>(), M, K, w.data_ptr<int8_t>(), N, scale.data_ptr<float>(), G,
@@ -113,7 +113,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const Int4QArgs a{xq.data(), xsc.data(), xsum.data(), K, N, G, group_size, w.data_ptr<uint8_t>(),
                     scale.data_ptr<float>(), zero.data_ptr<float>(), bias_ptr(bias, N), y.data_ptr<float>()};
   at::parallel_for(0, tiles_of(N), grain_tiles(kTile * K / 2), [&](int64_t t0, int64_t t1) {
-    int4q_tiles(a, M, t0, t1);
+    q_tiles(a, M, t0, t1);
   });
   return y;
 }

@@ -249,6 +249,14 @@ struct Int4QArgs {
   const uint8_t* w;
   const float *scale, *zero, *bias;
   float* y;
+
+  Int4QArgs from_row(int64_t m0) const {
+    Int4QArgs a = *this;
+    a.xq += m0 * K;
+    a.xsc += m0 * (K / kBlock);
+    a.xsum += m0 * G;
+    return a;
+  }
 };
 
 // The int16 scale of a block whose largest |x| is amax: the smallest power of two that keeps every value
@@ -297,7 +305,7 @@ inline float hsum256(__m256 v) {
 }
 
 template <int MR, int NR>
-inline void int4q_rows(const Int4QArgs& a, int64_t n, int nrows, float* out) {
+inline void q_rows(const Int4QArgs& a, int64_t n, int nrows, float* out) {
   const int64_t ldw = a.K / 2, bpg = a.group / kBlock, blocks = a.K / kBlock;
   const uint8_t* rows[NR];
   int64_t rid[NR];
@@ -341,39 +349,6 @@ inline void int4q_rows(const Int4QArgs& a, int64_t n, int nrows, float* out) {
     for (int m = 0; m < MR; ++m) out[r * MR + m] = hsum256(tot[r][m]) - zsum[r][m];
 }
 
-template <int MR>
-void int4q_tile(const Int4QArgs& a, int64_t m0, int64_t n0, int64_t n1) {
-  constexpr int NR = MR == 1 ? 4 : 2;
-  const int64_t blocks = a.K / kBlock;
-  Int4QArgs am = a;
-  am.xq += m0 * a.K;
-  am.xsc += m0 * blocks;
-  am.xsum += m0 * a.G;
-  float out[NR * MR];
-  for (int64_t n = n0; n < n1; n += NR) {
-    const int nr = static_cast<int>(std::min<int64_t>(NR, n1 - n));
-    int4q_rows<MR, NR>(am, n, nr, out);
-    for (int r = 0; r < nr; ++r) {
-      const float bias = a.bias ? a.bias[n + r] : 0.f;
-      for (int m = 0; m < MR; ++m) a.y[(m0 + m) * a.N + n + r] = out[r * MR + m] + bias;
-    }
-  }
-}
-
-inline void int4q_tiles(const Int4QArgs& a, int64_t M, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n0 = t * kTile, n1 = std::min(a.N, n0 + kTile);
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      switch (std::min<int64_t>(kMaxRows, M - m0)) {
-        case 1: int4q_tile<1>(a, m0, n0, n1); break;
-        case 2: int4q_tile<2>(a, m0, n0, n1); break;
-        case 3: int4q_tile<3>(a, m0, n0, n1); break;
-        default: int4q_tile<4>(a, m0, n0, n1); break;
-      }
-    }
-  }
-}
-
 // ------------------------------------------------------------------ int8 × int16 activations (vpmaddwd)
 //
 // The same idea for int8 weights: activations rounded to int16 per block of 32 columns, weights widened to
@@ -389,6 +364,13 @@ struct Int8QArgs {
   const int8_t* w;
   const float *scale, *bias;
   float* y;
+
+  Int8QArgs from_row(int64_t m0) const {
+    Int8QArgs a = *this;
+    a.xq += m0 * K;
+    a.xsc += m0 * (K / kBlock);
+    return a;
+  }
 };
 
 inline bool int8q_ok(int64_t K, int64_t G) { return K % kBlock == 0 && (G == 0 || (K / G) % kBlock == 0); }
@@ -407,7 +389,7 @@ inline void int8q_activations(const float* x, int64_t M, int64_t K, int16_t* xq,
 }
 
 template <int MR, int NR>
-inline void int8q_rows(const Int8QArgs& a, int64_t n, int nrows, float* out) {
+inline void q_rows(const Int8QArgs& a, int64_t n, int nrows, float* out) {
   const int64_t blocks = a.K / kBlock, bpg = a.G > 0 ? blocks / a.G : blocks;
   const int8_t* rows[NR];
   int64_t rid[NR];
@@ -443,16 +425,19 @@ inline void int8q_rows(const Int8QArgs& a, int64_t n, int nrows, float* out) {
     for (int m = 0; m < MR; ++m) out[r * MR + m] = hsum256(acc[r][m]) * (a.G > 0 ? 1.f : a.scale[rid[r]]);
 }
 
-template <int MR>
-void int8q_tile(const Int8QArgs& a, int64_t m0, int64_t n0, int64_t n1) {
+// ------------------------------------------------------------------ tiles of the int16-activation kernels
+//
+// The same tiling for both: NR weight rows per call of q_rows (4 for one activation row, 2 for more), bias
+// added on store. Args::from_row(m0) points the activation buffers at row m0.
+
+template <class Args, int MR>
+void q_tile(const Args& a, int64_t m0, int64_t n0, int64_t n1) {
   constexpr int NR = MR == 1 ? 4 : 2;
-  Int8QArgs am = a;
-  am.xq += m0 * a.K;
-  am.xsc += m0 * (a.K / kBlock);
+  const Args am = a.from_row(m0);
   float out[NR * MR];
   for (int64_t n = n0; n < n1; n += NR) {
     const int nr = static_cast<int>(std::min<int64_t>(NR, n1 - n));
-    int8q_rows<MR, NR>(am, n, nr, out);
+    q_rows<MR, NR>(am, n, nr, out);
     for (int r = 0; r < nr; ++r) {
       const float bias = a.bias ? a.bias[n + r] : 0.f;
       for (int m = 0; m < MR; ++m) a.y[(m0 + m) * a.N + n + r] = out[r * MR + m] + bias;
@@ -460,15 +445,17 @@ void int8q_tile(const Int8QArgs& a, int64_t m0, int64_t n0, int64_t n1) {
   }
 }
 
-inline void int8q_tiles(const Int8QArgs& a, int64_t M, int64_t t0, int64_t t1) {
+// Output-row tiles [t0, t1) for M activation rows (int4 or int8 weights, by the Args type).
+template <class Args>
+void q_tiles(const Args& a, int64_t M, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n0 = t * kTile, n1 = std::min(a.N, n0 + kTile);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       switch (std::min<int64_t>(kMaxRows, M - m0)) {
-        case 1: int8q_tile<1>(a, m0, n0, n1); break;
-        case 2: int8q_tile<2>(a, m0, n0, n1); break;
-        case 3: int8q_tile<3>(a, m0, n0, n1); break;
-        default: int8q_tile<4>(a, m0, n0, n1); break;
+        case 1: q_tile<Args, 1>(a, m0, n0, n1); break;
+        case 2: q_tile<Args, 2>(a, m0, n0, n1); break;
+        case 3: q_tile<Args, 3>(a, m0, n0, n1); break;
+        default: q_tile<Args, 4>(a, m0, n0, n1); break;
       }
     }
   }
