@@ -88,3 +88,13 @@ def hf_folder(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def native_preferred(monkeypatch):
+    """Quantized linears use miaotui's native kernels (fp32 activations in, the reference the tests compare
+    with): where PyTorch's packed kernels measure faster (AVX-512 builds, bf16 activations) prepare() would
+    pick those instead."""
+    from miaotui.compress.quant import kernels as choice
+
+    monkeypatch.setattr(choice, "native_faster", lambda *args: True)

@@ -67,15 +67,6 @@ def test_native_step_equals_eager_fp32(hf_folder, arch):
     steps_agree(tiny(hf_folder, arch))  # mistral-sliding: window 16, so positions 8..31 cross it
 
 
-@pytest.fixture
-def native_preferred(monkeypatch):
-    """The eager reference must keep fp32 activations: where PyTorch's packed kernels measure faster
-    (bf16 activations) prepare() would pick them, so the modules are told to use the native ones."""
-    from miaotui.compress.quant import kernels as choice
-
-    monkeypatch.setattr(choice, "native_faster", lambda *args: True)
-
-
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64)])
 def test_native_step_equals_eager_quantized(hf_folder, native_preferred, bits, group):
     model = tiny(hf_folder, "qwen2-bias")  # biases on q/k/v exercise the quantized kernels' bias path

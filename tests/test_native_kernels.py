@@ -131,14 +131,6 @@ def _quantized_pair(seed: int, bias: bool = True) -> tuple[Int8Linear, Int4Linea
     return m8, m4, torch.randn(3, 96, generator=g)
 
 
-@pytest.fixture
-def native_preferred(monkeypatch):
-    """Where PyTorch's packed kernels are faster (AVX-512 builds) prepare() picks them; these tests need ours."""
-    from miaotui.compress.quant import kernels as choice
-
-    monkeypatch.setattr(choice, "native_faster", lambda *args: True)
-
-
 def test_quantized_linears_use_the_native_kernels(native_preferred):
     m8, m4, x = _quantized_pair(0)
     for m in (m8, m4):

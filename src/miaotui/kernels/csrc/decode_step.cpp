@@ -46,13 +46,6 @@ inline float cache_load(const float* p) { return *p; }
 inline float cache_load(const c10::BFloat16* p) { return static_cast<float>(*p); }
 
 inline vf cache_vload(const float* p) { return vload(p); }
-inline void vstore(float* p, vf v) {
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  _mm512_storeu_ps(p, v);
-#else
-  _mm256_storeu_ps(p, v);
-#endif
-}
 inline vf cache_vload(const c10::BFloat16* p) { return load_w(reinterpret_cast<const uint16_t*>(p)); }
 
 // q · k over D values (D % kLanes == 0, checked when the plan is built)
@@ -211,14 +204,14 @@ class DecodePlan : public torch::CustomClassHolder {
   // what a linear's kernel needs of its input (int4, int8: the activations in int16 with block scales), per thread
   static void prepare_input(const Linear& l, const float* in, int64_t M, Scratch& sc) {
     if (l.kind == kInt8 && int8q_ok(l.K, l.G)) {
-      sc.xq.resize(M * l.K);
-      sc.xsc.resize(M * (l.K / kBlock));
+      sc.xq.resize(q_xq_size(M, l.K));
+      sc.xsc.resize(q_xsc_size(M, l.K));
       int8q_activations(in, M, l.K, sc.xq.data(), sc.xsc.data());
       return;
     }
     if (l.kind != kInt4) return;
-    sc.xq.resize(int4q_xq_size(M, l.K));
-    sc.xsc.resize(int4q_xsc_size(M, l.K));
+    sc.xq.resize(q_xq_size(M, l.K));
+    sc.xsc.resize(q_xsc_size(M, l.K));
     sc.xsum.resize(int4q_xsum_size(M, l.K, l.group));
     int4q_activations(in, M, l.K, l.group, sc.xq.data(), sc.xsc.data(), sc.xsum.data());
   }

@@ -66,8 +66,8 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
               "grouped int8 scales need a group (in_features / G) that is a multiple of 16, got ", G, " groups of ", K);
   at::Tensor y = at::empty({M, N}, x.options());
   if (int8q_ok(K, G)) {
-    std::vector<int16_t> xq(M * K);
-    std::vector<float> xsc(M * (K / kBlock));
+    std::vector<int16_t> xq(q_xq_size(M, K));
+    std::vector<float> xsc(q_xsc_size(M, K));
     int8q_activations(x.data_ptr<float>(), M, K, xq.data(), xsc.data());
     const Int8QArgs a{xq.data(), xsc.data(), K, N, G, w.data_ptr<int8_t>(), scale.data_ptr<float>(),
                       bias_ptr(bias, N), y.data_ptr<float>()};
@@ -107,8 +107,8 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == N * G,
                 "scale and zero: contiguous fp32 [N, in_features / group_size]");
   at::Tensor y = at::empty({M, N}, x.options());
-  std::vector<int16_t> xq(int4q_xq_size(M, K));
-  std::vector<float> xsc(int4q_xsc_size(M, K)), xsum(int4q_xsum_size(M, K, group_size));
+  std::vector<int16_t> xq(q_xq_size(M, K));
+  std::vector<float> xsc(q_xsc_size(M, K)), xsum(int4q_xsum_size(M, K, group_size));
   int4q_activations(x.data_ptr<float>(), M, K, group_size, xq.data(), xsc.data(), xsum.data());
   const Int4QArgs a{xq.data(), xsc.data(), xsum.data(), K, N, G, group_size, w.data_ptr<uint8_t>(),
                     scale.data_ptr<float>(), zero.data_ptr<float>(), bias_ptr(bias, N), y.data_ptr<float>()};

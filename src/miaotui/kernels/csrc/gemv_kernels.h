@@ -16,13 +16,19 @@
 
 namespace miaotui_kernels {
 
+inline float hsum256(__m256 v) {  // the sum of 8 lanes (also used by the 256-bit integer kernels below)
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 constexpr int kLanes = 16;
 using vf = __m512;
-using vi = __m512i;
 inline vf vzero() { return _mm512_setzero_ps(); }
 inline vf vset1(float v) { return _mm512_set1_ps(v); }
 inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
@@ -38,17 +44,13 @@ inline vf load_w(const float* p) { return _mm512_loadu_ps(p); }
 #else
 constexpr int kLanes = 8;
 using vf = __m256;
-using vi = __m256i;
 inline vf vzero() { return _mm256_setzero_ps(); }
 inline vf vset1(float v) { return _mm256_set1_ps(v); }
 inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
-inline float vsum(vf v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
+inline float vsum(vf v) { return hsum256(v); }
 inline vf load_w(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -269,8 +271,19 @@ inline float block_scale(float amax) {
   return std::ldexp(1.f, m == 0.5f ? e - 1 : e);
 }
 
-inline int64_t int4q_xq_size(int64_t M, int64_t K) { return M * K; }
-inline int64_t int4q_xsc_size(int64_t M, int64_t K) { return M * (K / kBlock); }
+// One block of 32 activations to int16 at its block_scale; returns the scale. `split`: the int4 kernel's
+// order (the 16 even columns, then the 16 odd ones), else the natural order (int8).
+inline float round_block(const float* xb, int16_t* q, bool split) {
+  float amax = 0.f;
+  for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
+  const float scale = block_scale(amax), inv = 1.f / scale;
+  for (int j = 0; j < kBlock; ++j) q[split ? (j % 2) * 16 + j / 2 : j] = static_cast<int16_t>(std::lrintf(xb[j] * inv));
+  return scale;
+}
+
+// buffer sizes of the int16 activations (int4 and int8) and of int4's group sums
+inline int64_t q_xq_size(int64_t M, int64_t K) { return M * K; }
+inline int64_t q_xsc_size(int64_t M, int64_t K) { return M * (K / kBlock); }
 inline int64_t int4q_xsum_size(int64_t M, int64_t K, int64_t group) { return M * (K / group); }
 
 inline void int4q_activations(const float* x, int64_t M, int64_t K, int64_t group, int16_t* xq, float* xsc,
@@ -283,25 +296,9 @@ inline void int4q_activations(const float* x, int64_t M, int64_t K, int64_t grou
       for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xm[k];
       xsum[m * G + g] = s;
     }
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* xb = xm + b * kBlock;
-      float amax = 0.f;
-      for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
-      const float scale = block_scale(amax), inv = 1.f / scale;
-      xsc[m * blocks + b] = scale;
-      int16_t* q = xq + (m * blocks + b) * kBlock;
-      for (int j = 0; j < 16; ++j) {
-        q[j] = static_cast<int16_t>(std::lrintf(xb[2 * j] * inv));
-        q[16 + j] = static_cast<int16_t>(std::lrintf(xb[2 * j + 1] * inv));
-      }
-    }
+    for (int64_t b = 0; b < blocks; ++b)
+      xsc[m * blocks + b] = round_block(xm + b * kBlock, xq + (m * blocks + b) * kBlock, true);
   }
-}
-
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 template <int MR, int NR>
@@ -378,14 +375,8 @@ inline bool int8q_ok(int64_t K, int64_t G) { return K % kBlock == 0 && (G == 0 |
 inline void int8q_activations(const float* x, int64_t M, int64_t K, int16_t* xq, float* xsc) {
   const int64_t blocks = K / kBlock;
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* xb = x + m * K + b * kBlock;
-      float amax = 0.f;
-      for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
-      const float scale = block_scale(amax), inv = 1.f / scale;
-      xsc[m * blocks + b] = scale;
-      for (int j = 0; j < kBlock; ++j) xq[m * K + b * kBlock + j] = static_cast<int16_t>(std::lrintf(xb[j] * inv));
-    }
+    for (int64_t b = 0; b < blocks; ++b)
+      xsc[m * blocks + b] = round_block(x + m * K + b * kBlock, xq + m * K + b * kBlock, false);
 }
 
 template <int MR, int NR>
