@@ -15,8 +15,8 @@ import torch
 
 from miaotui.kernels.build import ENV, load as available, loaded_isa
 
-__all__ = ["ENV", "INT4_GROUP_MULTIPLE", "INT8_GROUP_MULTIPLE", "available", "loaded_isa", "int8_group_supported",
-           "int8_gemv", "int4_gemv", "dense_gemv"]
+__all__ = ["ENV", "INT4_GROUP_MULTIPLE", "INT8_GROUP_MULTIPLE", "available", "loaded_isa", "int8_gemv", "int4_gemv",
+           "dense_gemv"]
 
 INT4_GROUP_MULTIPLE = 32  # int4 groups must be whole 16-byte blocks of 32 codes (see csrc/gemv.cpp)
 INT8_GROUP_MULTIPLE = 16  # grouped int8 scales: groups of whole vectors (16 lanes with AVX-512)
@@ -28,11 +28,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.float().contiguous()
-
-
-def int8_group_supported() -> bool:
-    """Whether ``int8_gemv`` takes grouped scales ([out, groups]) here: whenever the kernels load."""
-    return available()
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,

@@ -62,7 +62,7 @@ class Int8Linear(QuantLinear):
 
     Groups follow the weights' own block structure (GGUF sources are quantized in blocks of 32 columns, so a
     row-wide scale wastes range on the row's widest block); per-channel checkpoints keep their 1-D scale.
-    Grouped products run in the native kernel where it loads (``miaotui.kernels.int8_group_supported``),
+    Grouped products run in the native kernel where it loads (``miaotui.kernels.int8_gemv`` takes the 2-D scale),
     else dequantize-then-matmul: PyTorch's ``_weight_int8pack_mm`` takes one scale per row only."""
 
     kind = "int8"
@@ -132,8 +132,7 @@ class Int8Linear(QuantLinear):
 
     def _prepare_grouped(self) -> None:
         # only the native kernel takes group scales; without it every input is dequantize-then-matmul
-        if self.group_size % native.INT8_GROUP_MULTIPLE == 0 and kernels.native_supported(self.qweight) \
-                and native.int8_group_supported():
+        if self.group_size % native.INT8_GROUP_MULTIPLE == 0 and kernels.native_supported(self.qweight):
             self.native = True
             key = ("int8-native", self.out_features, self.in_features, self.group_size)
             self.packed_rows = kernels.packed_rows_limit(key, self._packed, self._dense, self.in_features,
