@@ -142,6 +142,8 @@ class DecodePlan : public torch::CustomClassHolder {
     if (!layers_.empty())
       TORCH_CHECK(k.size(2) == layers_[0].k.size(2), "every layer's cache must hold the same length");
     layers_.push_back({attn_norm, mlp_norm, k, v, qkv, o, gate_up, down});
+    qkv_n_ = lq.N;  // the same in every layer (checked above)
+    gate_up_n_ = std::max(gate_up_n_, lg.N);  // channel pruning may leave layers of different widths
   }
 
   void set_head(at::Tensor norm, int64_t head) {
@@ -263,12 +265,9 @@ class DecodePlan : public torch::CustomClassHolder {
   template <class T>
   at::Tensor run(const at::Tensor& x_in, int64_t M, int64_t pos) {
     const int64_t C = C_, S = layers_[0].k.size(2), qw = H_ * D_, kvw = Hkv_ * D_;
-    int64_t widest = 0, inter = 0;
-    for (const Linear& l : linears_) widest = std::max(widest, l.N);
-    for (const Layer& L : layers_) inter = std::max(inter, linears_[L.down].K);
     // shared outputs, one buffer per stage: a stage's buffer is rewritten only a layer later, after the
     // barriers that follow every read of it
-    std::vector<float> qkv(M * widest), attn(M * qw), o_out(M * C), gate_up(M * widest), down_out(M * C);
+    std::vector<float> qkv(M * qkv_n_), attn(M * qw), o_out(M * C), gate_up(M * gate_up_n_), down_out(M * C);
     const Linear& head = linears_[head_];
     at::Tensor logits = at::empty({M, head.N}, x_in.options());
     float* y = logits.data_ptr<float>();
@@ -280,7 +279,7 @@ class DecodePlan : public torch::CustomClassHolder {
       Scratch sc;
       sc.x.assign(x_in.data_ptr<float>(), x_in.data_ptr<float>() + M * C);
       sc.h.resize(M * C);
-      sc.act.resize(M * inter);
+      sc.act.resize(M * gate_up_n_ / 2);
       sc.q.resize(D_);
       sc.kv.resize(M * 2 * kvw);
       sc.scores.resize(S);
@@ -348,7 +347,7 @@ class DecodePlan : public torch::CustomClassHolder {
   double eps_;
   int64_t window_;
   at::Tensor cos_, sin_, final_norm_;
-  int64_t C_ = 0, head_ = -1;
+  int64_t C_ = 0, head_ = -1, qkv_n_ = 0, gate_up_n_ = 0;  // widths of the per-step buffers
   std::vector<Linear> linears_;
   std::vector<Layer> layers_;
 };
