@@ -74,16 +74,16 @@ def test_dense_gemv_equals_matmul(dtype, shape, rows):
     close(kernels.dense_gemv(x, w, bias), F.linear(x.double(), w.double(), bias.double()))
 
 
-@pytest.mark.parametrize("group,shape", [(32, (37, 96)), (64, (48, 128)), (96, (33, 576)), (128, (5, 1536)),
-                                         (128, (17, 256))])
+@pytest.mark.parametrize("group,shape", [(32, (37, 96)), (32, (19, 576)), (64, (48, 128)), (96, (33, 576)),
+                                         (128, (5, 1536)), (128, (17, 256))])
 @pytest.mark.parametrize("rows", ROWS)
 def test_int4_gemv_equals_dequantized_matmul(group, shape, rows):
     n, k = shape
     g = gen(group + n + rows)
     codes = torch.randint(0, 16, (n, k), generator=g)
     codes[0, :] = 15  # every nibble position at its maximum once (nibble 7 is shifted, not masked)
-    scale = torch.rand(n, k // group, generator=g) + 0.01
-    zero = torch.rand(n, k // group, generator=g) * 15  # float zero points (Q4_1-style grids) as well
+    scale = (torch.rand(n, k // group, generator=g) + 0.01).half()
+    zero = (torch.rand(n, k // group, generator=g) * 15).half()  # float zero points (Q4_1-style grids) as well
     bias, x = torch.randn(n, generator=g), torch.randn(rows, k, generator=g)
     w = ((codes.double().view(n, -1, group) - zero.double()[..., None]) * scale.double()[..., None]).view(n, k)
     close(kernels.int4_gemv(x, pack_int4(codes), scale, zero, group, bias), F.linear(x.double(), w, bias.double()),
@@ -107,13 +107,16 @@ def test_bad_inputs_are_refused():
     with pytest.raises(RuntimeError, match="group_size"):
         torch.ops.miaotui.gemv_int4(torch.zeros(1, 64), torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 4),
                                     torch.ones(8, 4), 16, None)
+    with pytest.raises(RuntimeError, match="fp16"):  # int4 scales and zeros are fp16 (Int4Linear's buffers)
+        torch.ops.miaotui.gemv_int4(torch.zeros(1, 64), torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2),
+                                    torch.ones(8, 2), 32, None)
 
 
 @pytest.mark.parametrize("op,args", [
     ("gemv_int8", lambda: (torch.randn(3, 40), torch.randint(-127, 128, (9, 40), dtype=torch.int8), torch.rand(9),
                            torch.randn(9))),
-    ("gemv_int4", lambda: (torch.randn(2, 64), torch.randint(0, 256, (9, 32), dtype=torch.uint8), torch.rand(9, 2),
-                           torch.rand(9, 2) * 15, 32, None)),
+    ("gemv_int4", lambda: (torch.randn(2, 64), torch.randint(0, 256, (9, 32), dtype=torch.uint8),
+                           torch.rand(9, 2).half(), (torch.rand(9, 2) * 15).half(), 32, None)),
     ("gemv_dense", lambda: (torch.randn(1, 40), torch.randn(9, 40).bfloat16(), None)),
 ])
 def test_custom_ops_pass_opcheck(op, args):

@@ -108,18 +108,23 @@ def test_from_quantized_rejects_the_wrong_format():
         Int4Linear.from_quantized(QuantizedWeight(torch.zeros(8, 64, dtype=torch.int16), torch.ones(8, 1), None, 8, 64))
 
 
-def test_float_zero_grid_refinds_a_min_offset_grid_exactly():
-    """Weights that already lie on a d*q + min grid per group (GGUF Q4_1) come back exactly with float_zero;
-    the default integer zero point cannot represent an arbitrary min."""
+def test_float_zero_grid_refinds_a_min_offset_grid():
+    """Weights that already lie on a d*q + min grid per group (GGUF Q4_1, fp16 d) come back with float_zero:
+    the same codes and scales, the zero point within its fp16 rounding (2^-8 of a code below 16); the default
+    integer zero point cannot represent an arbitrary min."""
     torch.manual_seed(0)
-    d, m = torch.rand(16, 4, 1) * 0.1 + 0.01, torch.randn(16, 4, 1) * 0.2
+    d, m = (torch.rand(16, 4, 1) * 0.1 + 0.01).half().float(), torch.randn(16, 4, 1) * 0.2
     q = torch.randint(0, 16, (16, 4, 32)).float()
     q[..., 0], q[..., 1] = 0, 15  # every group uses its full range, as Q4_1 blocks do
     w = (d * q + m).view(16, 128)
-    exact = quantize_rtn(w, 4, 32, symmetric=False, float_zero=True)
-    torch.testing.assert_close(exact.dequantize(), w, atol=1e-6, rtol=0)
-    m4 = Int4Linear.from_quantized(exact)
-    torch.testing.assert_close(m4.dequantize(), w, atol=1e-6, rtol=0)
+    found = quantize_rtn(w, 4, 32, symmetric=False, float_zero=True)
+    torch.testing.assert_close(found.q.view(16, 4, 32).float(), q)
+    torch.testing.assert_close(found.scale, d[..., 0])
+    zero = -m / d  # the exact zero point; fp16 keeps 11 significant bits of it
+    bound = (d * zero.abs() * 2.0 ** -11 + 1e-6).expand(16, 4, 32).reshape(16, 128)
+    assert ((found.dequantize() - w).abs() <= bound).all()
+    m4 = Int4Linear.from_quantized(found)
+    torch.testing.assert_close(m4.dequantize(), found.dequantize())  # fp16 storage loses nothing more
     assert (quantize_rtn(w, 4, 32).dequantize() - w).abs().max() > 1e-3
 
 

@@ -41,7 +41,7 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """x · Wᵀ + bias with W = (codes - zero) * scale per group; qweight uint8 [out, in/2] in the portable
-    layout of ``compress/quant/pack.py``, scale and zero fp32 [out, in/group_size]; group_size % 32 == 0."""
+    layout of ``compress/quant/pack.py``, scale and zero fp16 [out, in/group_size]; group_size % 32 == 0."""
     y = torch.ops.miaotui.gemv_int4(_rows(x), qweight, scale, zero, group_size, _bias(bias))
     return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
 

@@ -127,14 +127,14 @@ def _self_check() -> str | None:
     from miaotui.compress.quant.pack import pack_int4
 
     g = torch.Generator().manual_seed(0)
-    rows, out_f, in_f, group = 3, 37, 160, 32
+    rows, out_f, in_f, group = 3, 37, 320, 32  # 10 blocks of 32: a full chunk of 8 and a tail (int4)
     x = torch.randn(rows, in_f, generator=g)
     bias = torch.randn(out_f, generator=g)
     q8 = torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8)
     s8 = torch.rand(out_f, generator=g) + 0.5
     q4 = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8)
-    s4 = torch.rand(out_f, in_f // group, generator=g) + 0.5
-    z4 = torch.randint(0, 16, (out_f, in_f // group), generator=g).float()
+    s4 = (torch.rand(out_f, in_f // group, generator=g) + 0.5).half()
+    z4 = torch.randint(0, 16, (out_f, in_f // group), generator=g).half()
     w4 = (q4.double().view(out_f, -1, group) - z4.double()[..., None]) * s4.double()[..., None]
     s8g = torch.rand(out_f, in_f // group, generator=g) + 0.5
     dense = torch.randn(out_f, in_f, generator=g)

@@ -111,7 +111,7 @@ def _quant_bytes(out_f: int, in_f: int, bits: int, group: int | None) -> int:
     g = check_group(in_f, group)
     if bits == 8:  # int8 codes + an fp32 scale per row or per group
         return out_f * in_f + 4 * out_f * (in_f // g)
-    return out_f * in_f // 2 + 8 * out_f * (in_f // g)  # packed codes + fp32 scale and zero per group
+    return out_f * in_f // 2 + 4 * out_f * (in_f // g)  # packed codes + fp16 scale and zero per group
 
 
 def estimate(shape: ModelShape, steps: list[dict]) -> tuple[int, frozenset[str]] | None:

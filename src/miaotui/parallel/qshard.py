@@ -49,7 +49,8 @@ def quantized_weight(module: nn.Module) -> QuantizedWeight:
     from miaotui.compress.quant.qlinear import Int4Linear, Int8Linear, W8A8Linear
 
     if isinstance(module, Int4Linear):  # asymmetric storage (symmetric codes are kept with zero = 8)
-        return QuantizedWeight(module.codes().to(torch.int16), module.scale, module.zero, 4, module.group_size)
+        return QuantizedWeight(module.codes().to(torch.int16), module.scale.float(), module.zero.float(), 4,
+                               module.group_size)
     if isinstance(module, (Int8Linear, W8A8Linear)):  # symmetric, per output channel or (int8) per group
         scale = module.scale if module.scale.dim() == 2 else module.scale[:, None]
         group = getattr(module, "group_size", module.in_features)

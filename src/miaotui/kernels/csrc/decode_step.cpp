@@ -96,8 +96,9 @@ class DecodePlan : public torch::CustomClassHolder {
     const at::ScalarType want[] = {at::kFloat, at::kBFloat16, at::kChar, at::kByte};
     TORCH_CHECK(kind >= kF32 && kind <= kInt4 && w.scalar_type() == want[kind], "weight dtype does not match kind ", kind);
     if (kind == kInt8 || kind == kInt4) {
-      TORCH_CHECK(scale.has_value() && scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
-                      scale->size(0) == l.N, "scale: contiguous fp32 with out_features rows");
+      const at::ScalarType sdt = kind == kInt4 ? at::kHalf : at::kFloat;  // int4: fp16 scales and zeros
+      TORCH_CHECK(scale.has_value() && scale->scalar_type() == sdt && scale->is_contiguous() &&
+                      scale->size(0) == l.N, "scale: contiguous ", sdt, " with out_features rows");
       l.scale = *scale;
       if (kind == kInt8 && scale->dim() == 2) {
         l.G = scale->size(1);
@@ -106,8 +107,8 @@ class DecodePlan : public torch::CustomClassHolder {
     }
     if (kind == kInt4) {
       TORCH_CHECK(group > 0 && group % kBlock == 0 && l.K % group == 0, "int4 group must be a multiple of 32");
-      TORCH_CHECK(zero.has_value() && zero->scalar_type() == at::kFloat && zero->is_contiguous() &&
-                      zero->numel() == scale->numel(), "zero: contiguous fp32 like scale");
+      TORCH_CHECK(zero.has_value() && zero->scalar_type() == at::kHalf && zero->is_contiguous() &&
+                      zero->numel() == scale->numel(), "zero: contiguous fp16 like scale");
       l.group = group;
       l.G = l.K / group;
       l.zero = *zero;
@@ -197,7 +198,8 @@ class DecodePlan : public torch::CustomClassHolder {
         break;
       default: {
         const Int4QArgs a{sc.xq.data(), sc.xsc.data(), sc.xsum.data(), l.K, l.N, l.G, l.group,
-                          l.w.data_ptr<uint8_t>(), l.scale.data_ptr<float>(), l.zero.data_ptr<float>(), bias, out};
+                          l.w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(l.scale.data_ptr()),
+                          reinterpret_cast<const uint16_t*>(l.zero.data_ptr()), bias, out};
         q_tiles(a, M, t0, t1);
       }
     }

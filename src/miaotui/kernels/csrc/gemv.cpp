@@ -11,7 +11,7 @@
 //   gemv_int8   int8 weights [N, K] with one fp32 scale per output row (applied once, at the end), or
 //               per (row, group of columns): scale [N, G], each group's partial dot scaled, then summed
 //   gemv_int4   4-bit codes packed two per byte [N, K/2] (even column in the low nibble: the portable
-//               checkpoint layout, read as it is), fp32 scale and zero point per (row, group of columns)
+//               checkpoint layout, read as it is), fp16 scale and zero point per (row, group of columns)
 //   gemv_dense  bf16 or fp32 weights [N, K]
 //
 // Output rows are split between threads (at::parallel_for) in contiguous tiles, so each thread streams
@@ -44,6 +44,8 @@ const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t N) {
               "bias must be a contiguous fp32 tensor of out_features values");
   return bias->data_ptr<float>();
 }
+
+const uint16_t* half_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
 
 template <class T>
 void gemv_rows(const float* x, int64_t M, int64_t K, const T* w, int64_t N, const float* scale, int64_t G,
@@ -104,14 +106,14 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
               "group_size must be a multiple of 32 dividing in_features");
   const int64_t G = K / group_size;
   for (const at::Tensor* t : {&scale, &zero})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == N * G,
-                "scale and zero: contiguous fp32 [N, in_features / group_size]");
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == N * G,
+                "scale and zero: contiguous fp16 [N, in_features / group_size]");
   at::Tensor y = at::empty({M, N}, x.options());
   std::vector<int16_t> xq(q_xq_size(M, K));
   std::vector<float> xsc(q_xsc_size(M, K)), xsum(int4q_xsum_size(M, K, group_size));
   int4q_activations(x.data_ptr<float>(), M, K, group_size, xq.data(), xsc.data(), xsum.data());
   const Int4QArgs a{xq.data(), xsc.data(), xsum.data(), K, N, G, group_size, w.data_ptr<uint8_t>(),
-                    scale.data_ptr<float>(), zero.data_ptr<float>(), bias_ptr(bias, N), y.data_ptr<float>()};
+                    half_bits(scale), half_bits(zero), bias_ptr(bias, N), y.data_ptr<float>()};
   at::parallel_for(0, tiles_of(N), grain_tiles(kTile * K / 2), [&](int64_t t0, int64_t t1) {
     q_tiles(a, M, t0, t1);
   });

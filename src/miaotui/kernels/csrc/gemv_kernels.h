@@ -240,7 +240,11 @@ constexpr int64_t kBlock = 32;  // int4 columns per 16-byte block: group sizes m
 // are rounded to int16 per block of 32 columns (a power-of-two scale, see block_scale: a relative error
 // below 2^-15 of the block's largest value, ~250x finer than bf16), and 16 codes meet 16 activations in
 // one vpmaddwd: per 32 codes of a row, one widening load, an AND, a shift, two multiply-adds, an add, a
-// convert and an FMA. The zero point enters once per group: s * (sum q*x - z * sum x), sum x in fp32.
+// convert and an FMA. Groups of 32 (llama.cpp's Q4 layout) fold the group scale into the block's factor,
+// 8 blocks at a time; larger groups sum their blocks first and apply the group scale once. Scales and zero
+// points are fp16: 0.625 bytes per weight at group 32 instead of 0.75 in fp32 (with the folded scales,
+// int4-g32 decode went from 123 to 154 tok/s at 2 threads). The zero points enter once per row, as a
+// vector dot over groups: sum_g s_g z_g (sum of x over g), in fp32.
 // 256-bit integer ops: the AVX-512 build runs the same code.
 
 struct Int4QArgs {
@@ -249,7 +253,8 @@ struct Int4QArgs {
   const float* xsum;  // [M][G]: the sum of x over each group (fp32, exact inputs)
   int64_t K, N, G, group;
   const uint8_t* w;
-  const float *scale, *zero, *bias;
+  const uint16_t *scale, *zero;  // fp16 [N][G]
+  const float* bias;
   float* y;
 
   Int4QArgs from_row(int64_t m0) const {
@@ -301,49 +306,129 @@ inline void int4q_activations(const float* x, int64_t M, int64_t K, int64_t grou
   }
 }
 
-template <int MR, int NR>
-inline void q_rows(const Int4QArgs& a, int64_t n, int nrows, float* out) {
-  const int64_t ldw = a.K / 2, bpg = a.group / kBlock, blocks = a.K / kBlock;
-  const uint8_t* rows[NR];
-  int64_t rid[NR];
-  for (int r = 0; r < NR; ++r) {
-    rid[r] = n + std::min(r, nrows - 1);  // a short tail repeats its last row
-    rows[r] = a.w + rid[r] * ldw;
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+inline __m256 half8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// The rows a q_rows call reads: NR weight rows from n (a short tail repeats its last row).
+template <int NR>
+struct Int4Rows {
+  const uint8_t* w[NR];
+  const uint16_t *s[NR], *z[NR];
+  Int4Rows(const Int4QArgs& a, int64_t n, int nrows) {
+    for (int r = 0; r < NR; ++r) {
+      const int64_t rid = n + std::min(r, nrows - 1);
+      w[r] = a.w + rid * (a.K / 2);
+      s[r] = a.scale + rid * a.G;
+      z[r] = a.zero + rid * a.G;
+    }
   }
-  const __m256i low = _mm256_set1_epi16(0x0F);
+};
+
+// sum over the 32 columns of block b of code * x for activation row m, as 8 int32 lanes
+inline __m256i int4_block_dot(__m256i lo, __m256i hi, const int16_t* xb) {
+  return _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb))),
+                          _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16))));
+}
+
+// Block b's codes of one row widened to int16: the even columns (low nibbles), then the odd ones.
+inline void int4_block_codes(const uint8_t* row, int64_t b, __m256i& lo, __m256i& hi) {
+  const __m256i raw = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
+  lo = _mm256_and_si256(raw, _mm256_set1_epi16(0x0F));
+  hi = _mm256_srli_epi16(raw, 4);
+}
+
+// Groups of 32 (one per block, llama.cpp's Q4 layout): each block's dot is scaled by its group scale
+// times its activation scale, 8 of those products computed in one vector per row.
+template <int MR, int NR>
+inline void int4_dots_g32(const Int4QArgs& a, const Int4Rows<NR>& rw, float* out) {
   __m256 tot[NR][MR];
-  float zsum[NR][MR];
   for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) tot[r][m] = _mm256_setzero_ps(), zsum[r][m] = 0.f;
+    for (int m = 0; m < MR; ++m) tot[r][m] = _mm256_setzero_ps();
+  constexpr int kChunk = 8;
+  const int64_t blocks = a.K / kBlock;
+  alignas(32) float cs[NR][MR][kChunk];
+  for (int64_t b0 = 0; b0 < blocks; b0 += kChunk) {
+    const int nb = static_cast<int>(std::min<int64_t>(kChunk, blocks - b0));
+    for (int r = 0; r < NR; ++r) {
+      if (nb == kChunk) {
+        const __m256 s = half8(rw.s[r] + b0);
+        for (int m = 0; m < MR; ++m) _mm256_store_ps(cs[r][m], _mm256_mul_ps(s, _mm256_loadu_ps(a.xsc + m * blocks + b0)));
+      } else {
+        for (int j = 0; j < nb; ++j) {
+          const float s = half_to_float(rw.s[r][b0 + j]);
+          for (int m = 0; m < MR; ++m) cs[r][m][j] = s * a.xsc[m * blocks + b0 + j];
+        }
+      }
+    }
+    for (int j = 0; j < nb; ++j) {
+      const int64_t b = b0 + j;
+      if ((b & 3) == 0)
+        for (int r = 0; r < NR; ++r) prefetch(rw.w[r] + b * 16 + kPrefetchBytes);
+      for (int r = 0; r < NR; ++r) {
+        __m256i lo, hi;
+        int4_block_codes(rw.w[r], b, lo, hi);
+        for (int m = 0; m < MR; ++m) {
+          const __m256i d = int4_block_dot(lo, hi, a.xq + (m * blocks + b) * kBlock);
+          tot[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(&cs[r][m][j]), tot[r][m]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) out[r * MR + m] = hsum256(tot[r][m]);
+}
+
+// Larger groups: the blocks of a group summed at their activation scales, the group scale applied once.
+template <int MR, int NR>
+inline void int4_dots_grouped(const Int4QArgs& a, const Int4Rows<NR>& rw, float* out) {
+  __m256 tot[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) tot[r][m] = _mm256_setzero_ps();
+  const int64_t bpg = a.group / kBlock, blocks = a.K / kBlock;
   for (int64_t g = 0; g < a.G; ++g) {
     __m256 acc[NR][MR];
     for (int r = 0; r < NR; ++r)
       for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
       if ((b & 3) == 0)
-        for (int r = 0; r < NR; ++r) prefetch(rows[r] + b * 16 + kPrefetchBytes);
+        for (int r = 0; r < NR; ++r) prefetch(rw.w[r] + b * 16 + kPrefetchBytes);
       for (int r = 0; r < NR; ++r) {
-        const __m256i raw = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + b * 16)));
-        const __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_srli_epi16(raw, 4);
+        __m256i lo, hi;
+        int4_block_codes(rw.w[r], b, lo, hi);
         for (int m = 0; m < MR; ++m) {
-          const int16_t* xb = a.xq + (m * blocks + b) * kBlock;
-          const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
-          const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16));
-          const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(lo, xl), _mm256_madd_epi16(hi, xh));
+          const __m256i d = int4_block_dot(lo, hi, a.xq + (m * blocks + b) * kBlock);
           acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(a.xsc[m * blocks + b]), acc[r][m]);
         }
       }
     }
     for (int r = 0; r < NR; ++r) {
-      const float s = a.scale[rid[r] * a.G + g], sz = s * a.zero[rid[r] * a.G + g];
-      for (int m = 0; m < MR; ++m) {
-        tot[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(s), acc[r][m], tot[r][m]);
-        zsum[r][m] += sz * a.xsum[m * a.G + g];
-      }
+      const __m256 s = _mm256_set1_ps(half_to_float(rw.s[r][g]));
+      for (int m = 0; m < MR; ++m) tot[r][m] = _mm256_fmadd_ps(s, acc[r][m], tot[r][m]);
     }
   }
   for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) out[r * MR + m] = hsum256(tot[r][m]) - zsum[r][m];
+    for (int m = 0; m < MR; ++m) out[r * MR + m] = hsum256(tot[r][m]);
+}
+
+template <int MR, int NR>
+inline void q_rows(const Int4QArgs& a, int64_t n, int nrows, float* out) {
+  const Int4Rows<NR> rw(a, n, nrows);
+  if (a.group == kBlock) int4_dots_g32<MR, NR>(a, rw, out);
+  else int4_dots_grouped<MR, NR>(a, rw, out);
+  // the zero points: sum over groups of s * z * (sum of x over the group), 8 groups per step
+  for (int r = 0; r < NR; ++r) {
+    for (int m = 0; m < MR; ++m) {
+      const float* xs = a.xsum + m * a.G;
+      __m256 zacc = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= a.G; g += 8) zacc = _mm256_fmadd_ps(_mm256_mul_ps(half8(rw.s[r] + g), half8(rw.z[r] + g)),
+                                                          _mm256_loadu_ps(xs + g), zacc);
+      float zsum = hsum256(zacc);
+      for (; g < a.G; ++g) zsum += half_to_float(rw.s[r][g]) * half_to_float(rw.z[r][g]) * xs[g];
+      out[r * MR + m] -= zsum;
+    }
+  }
 }
 
 // ------------------------------------------------------------------ int8 × int16 activations (vpmaddwd)
