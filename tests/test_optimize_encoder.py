@@ -174,8 +174,26 @@ def test_killed_run_resumes_from_its_cache(encoder_folder, tmp_path, monkeypatch
     assert second["counts"]["built"] == 2 and second["counts"]["from_cache"] == 2, err
     rows = {c["name"]: c for c in second["candidates"]}
     assert all(rows[n]["from_cache"] for n in measured_first)
-    assert not (set(built) - {second["chosen"]}) & set(measured_first)  # only the winner may be rebuilt
+    # only the winner may be rebuilt (to be written), and runoff contenders (to be timed again)
+    rebuilt_ok = {second["chosen"]} | {c["name"] for c in (second["runoff"] or {}).get("candidates", [])}
+    assert not (set(built) - rebuilt_ok) & set(measured_first)
     assert "resuming: 2 candidate result(s)" in err
+
+
+def test_runoff_for_latency_chooses_the_lowest_median(encoder_folder, tmp_path, monkeypatch):
+    """Latency (lower is better): the near-best are re-timed in turns and the lowest median wins."""
+    from miaotui.optimize import runoff
+
+    monkeypatch.setattr(runoff, "MARGIN", 10.0)
+    out = tmp_path / "out"
+    code, _, err = run_cli("optimize", "-m", str(encoder_folder), "--budget", "cosine>=0.5", "-o", str(out),
+                           "--objective", "latency", "--families", "dtype,uniform", "--max-candidates", "3", *SMALL)
+    assert code == 0, err
+    r = _report(out)
+    ro = r["runoff"]
+    assert len(ro["candidates"]) >= 2 and all(len(c["values"]) == runoff.ROUNDS for c in ro["candidates"])
+    assert ro["winner"] == r["chosen"] == min(ro["candidates"], key=lambda c: c["median"])["name"]
+    assert ro["unit"] == "ms"
 
 
 def test_time_limit_is_respected(encoder_folder, tmp_path):

@@ -112,20 +112,36 @@ def measure_encoder(loaded, texts: list[str], reference: np.ndarray, objective: 
         warnings.simplefilter("ignore", TruncationWarning)
         ids, types = enc.tokenize(texts)
         q = embedding_quality(enc.embed(ids, types, settings.batch, normalize=False).numpy(), reference)
-        eval_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        sp: dict[str, Any] = {"objective": objective, "unit": OBJECTIVES[objective][1]}
-        if objective == "throughput":  # tokenizing is the same for every candidate: only the model is timed
-            sp["value"] = len(ids) / _median_time(lambda: enc.embed(ids, types, settings.batch), settings.repeats)
-            sp.update(texts=len(ids), batch=settings.batch)
-        elif objective == "latency":
-            single = list(range(min(settings.single_texts, len(ids))))
-            enc.embed([ids[0]], [types[0]], 1)  # warm-up at batch 1
-            per_text = _median_time(lambda: [enc.embed([ids[i]], [types[i]], 1) for i in single], settings.repeats)
-            sp.update(value=1000 * per_text / len(single), texts=len(single))
-        else:
-            sp["value"] = stored_bytes(loaded.model) / 1e6
+    eval_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sp = _speed(enc, ids, types, objective, settings)
     return q, sp, eval_s, time.perf_counter() - t0
+
+
+def encoder_speed(loaded, texts: list[str], objective: str, settings: EncoderSpeedSettings) -> dict[str, Any]:
+    """The objective's figure alone (no quality): a runoff timing (``optimize/runoff.py``)."""
+    from miaotui.encoder import Encoder, TruncationWarning
+
+    enc = Encoder(loaded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncationWarning)
+        ids, types = enc.tokenize(texts)
+    return _speed(enc, ids, types, objective, settings)
+
+
+def _speed(enc, ids, types, objective: str, settings: EncoderSpeedSettings) -> dict[str, Any]:
+    sp: dict[str, Any] = {"objective": objective, "unit": OBJECTIVES[objective][1]}
+    if objective == "throughput":  # tokenizing is the same for every candidate: only the model is timed
+        sp["value"] = len(ids) / _median_time(lambda: enc.embed(ids, types, settings.batch), settings.repeats)
+        sp.update(texts=len(ids), batch=settings.batch)
+    elif objective == "latency":
+        single = list(range(min(settings.single_texts, len(ids))))
+        enc.embed([ids[0]], [types[0]], 1)  # warm-up at batch 1
+        per_text = _median_time(lambda: [enc.embed([ids[i]], [types[i]], 1) for i in single], settings.repeats)
+        sp.update(value=1000 * per_text / len(single), texts=len(single))
+    else:
+        sp["value"] = stored_bytes(enc.loaded.model) / 1e6
+    return sp
 
 
 def runtime_kinds(modules: dict[str, dict], model) -> list[str]:

@@ -26,7 +26,8 @@ from miaotui.optimize.candidates import Candidate
 from miaotui.optimize.config import OptimizeConfig, OptimizeError
 from miaotui.optimize.encoder_candidates import EncoderShape, propose_encoder
 from miaotui.optimize.encoder_measure import (OBJECTIVES, EncoderShared, EncoderSpeedSettings, build_encoder,
-                                              embedding_quality, embed, measure_encoder, runtime_kinds)
+                                              embed, embedding_quality, encoder_speed, measure_encoder,
+                                              runtime_kinds)
 from miaotui.optimize.loop import STATE_DIR, Built, Entry, SearchLoop
 from miaotui.optimize.sensitivity import Sensitivity
 
@@ -98,6 +99,9 @@ class EncoderSearch(SearchLoop):
                   "kinds": runtime_kinds(modules, loaded.model),
                   "layers": len(loaded.model.layers)}
         return fields, eval_s, speed_s
+
+    def time_speed(self, c: Candidate, built: Built) -> float:
+        return encoder_speed(built[0], self.splits.search, self.cfg.objective, self.speed_settings)["value"]
 
     def heldout_quality(self, built: Built) -> dict:
         return embedding_quality(embed(built[0], self.splits.heldout), self.splits.heldout_ref)

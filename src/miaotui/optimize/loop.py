@@ -8,8 +8,8 @@ the held-out measure and writing the checkpoint.
 2. A candidate found in ``DIR/search/results.jsonl`` (``cache.py``) is not measured again; one that cannot
    win (``cannot_win``) or whose estimated cost would overrun the time limit (``CostModel``) is skipped
    before it is built; any other is built, measured and its result appended to the cache at once.
-3. The winner is the fastest candidate within budget on the search split that still meets the budget on
-   the held-out split (else the next fastest); it is written to DIR as a normal checkpoint, with
+3. The winner is the fastest candidate within budget on the search split (the near-best re-timed head to
+   head first: ``runoff.py``) that still meets the budget on the held-out split (else the next fastest); it is written to DIR as a normal checkpoint, with
    ``report.md``, ``report.json`` and ``pareto.png`` (``report.py``). No candidate within budget: exit 2,
    the closest one named.
 """
@@ -33,6 +33,7 @@ from miaotui.optimize.cache import ResultCache, candidate_key
 from miaotui.optimize.candidates import Candidate
 from miaotui.optimize.config import OptimizeConfig, OptimizeError
 from miaotui.optimize.pareto import pareto_front
+from miaotui.optimize.runoff import run_runoff
 from miaotui.optimize.sensitivity import Sensitivity
 
 STATE_DIR = "search"  # DIR/search: results, sensitivity, the source's reference outputs
@@ -115,6 +116,7 @@ class SearchLoop:
         self.costs = CostModel(self.prior_build)
         self.sens: dict[str, Sensitivity | None] = {}
         self.kept: tuple[str, Built] | None = None  # (name, built) of the best in budget: no rebuild to write it
+        self.runoff: dict[str, Any] | None = None  # the near-best re-timed head to head (runoff.py)
         self.built = 0  # candidates built in this run (not from the cache)
         self.taken = 0  # candidates measured or read from the cache
         self.reference_s = 0.0
@@ -152,6 +154,10 @@ class SearchLoop:
         raise NotImplementedError
 
     def heldout_quality(self, built: Built) -> dict:
+        raise NotImplementedError
+
+    def time_speed(self, c: Candidate, built: Built) -> float:
+        """The objective's figure for ``c`` alone (no quality): one timing of the runoff (``runoff.py``)."""
         raise NotImplementedError
 
     def write_checkpoint(self, e: Entry, built: Built, heldout_q: dict) -> dict:
@@ -422,6 +428,7 @@ class SearchLoop:
         cfg = self.cfg
         measured = [e for e in self.entries.values() if e.record is not None and e.outcome in ("pass", "fail")]
         passing = sorted((e for e in measured if e.outcome == "pass"), key=lambda e: -self._score(e.record))
+        passing, self.runoff = run_runoff(self, passing)
         heldout_rejected: list[dict] = []
         chosen, heldout_q = None, None
         for e in passing:
@@ -438,7 +445,7 @@ class SearchLoop:
         if chosen is not None:
             status, code = "ok", 0
             message = (f"chose {chosen.candidate.name}: {speed_text(chosen.record['speed'])}{self._gain(chosen)}"
-                       f"{_bytes(chosen.record, ',')}; held-out {self.describe_quality(heldout_q)} "
+                       f"{self._runoff_note(chosen)}{_bytes(chosen.record, ',')}; held-out {self.describe_quality(heldout_q)} "
                        f"(budget {self.budget}) → {cfg.output}{self.choice_note(chosen)}")
             if not chosen.candidate.steps and not _variant(chosen.candidate):
                 message = ("no compressed candidate meets the budget: the source itself is the fastest within "
@@ -464,7 +471,7 @@ class SearchLoop:
                 (cfg.output / f).unlink(missing_ok=True)
         report = self._report(status, message, stopped, chosen, heldout_q, heldout_rejected)
         if chosen is not None:
-            built = self._winner(chosen.candidate)
+            built = self.rebuild(chosen.candidate)
             manifest = self.write_checkpoint(chosen, built, heldout_q)
             report["checkpoint"] = {"path": str(cfg.output), "bytes": manifest["weights"]["bytes"],
                                     "sha256": manifest["weights"]["sha256"]}
@@ -484,13 +491,21 @@ class SearchLoop:
             return ""
         return f" ({e.record['speed']['value'] / base.record['speed']['value']:.2f}x the source)"
 
+    def _runoff_note(self, e: Entry) -> str:
+        ro = self.runoff
+        if not ro or ro.get("skipped") or ro["winner"] != e.candidate.name:
+            return ""
+        rivals = [c for c in ro["candidates"] if c["name"] != ro["winner"]]
+        return (f" [runoff median {ro['candidates'][0]['median']:.4g} {ro['unit']} vs "
+                + ", ".join(f"{c['name']} {c['median']:.4g}" for c in rivals) + "]")
+
     def _heldout(self, e: Entry) -> dict | None:
         """Quality of a candidate on the held-out split (cached like the search results)."""
         c = e.candidate
         key = candidate_key(c.steps, source=self.fingerprint, **self.heldout_key(), **_variant(c), heldout=True)
         rec = self.cache.get(key)
         if rec is None:
-            built = self._winner(c)
+            built = self.rebuild(c)
             if built is None:
                 return None
             self.say(f"held-out check of {c.name}")
@@ -498,8 +513,8 @@ class SearchLoop:
             self.cache.put(rec)
         return rec["quality"]
 
-    def _winner(self, c: Candidate) -> Built | None:
-        """``c`` built: the one kept in memory, or built again."""
+    def rebuild(self, c: Candidate) -> Built | None:
+        """``c`` built: the one kept in memory, or built again (then kept instead)."""
         if self.kept is not None and self.kept[0] == c.name:
             return self.kept[1]
         self.say(f"rebuild {c.name}")
@@ -555,7 +570,7 @@ class SearchLoop:
             "quality_axis": {"metric": c.metric, "key": c.key, "op": c.op, "limit_search": c.value},
             "chosen": chosen.candidate.name if chosen else None,
             "chosen_steps": chosen.candidate.steps if chosen else None,
-            "heldout": heldout_q, "heldout_rejected": heldout_rejected,
+            "heldout": heldout_q, "heldout_rejected": heldout_rejected, "runoff": self.runoff,
             "candidates": rows, "frontier": frontier, "skipped": skipped,
             "sensitivity": {k: (v.to_dict() if v is not None else None) for k, v in self.sens.items()},
             "counts": {"built": self.built, "from_cache": sum(1 for r in rows if r["from_cache"]),

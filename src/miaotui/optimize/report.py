@@ -79,6 +79,19 @@ def _quality_cells(report: dict, q: dict) -> str:
     return f"{q['perplexity']:.4f} | {_num(q.get('kld_mean'))} | {100 * q['top1_agreement']:.2f}%"
 
 
+def _runoff_lines(report: dict) -> list[str]:
+    ro = report.get("runoff")
+    if not ro:
+        return []
+    names = ", ".join(f"`{c['name']}`" for c in ro["candidates"])
+    if ro.get("skipped"):
+        return [f"Runoff between {names} skipped: {ro['skipped']}.", ""]
+    timed = "; ".join(f"`{c['name']}` {c['median']:.4g} ({', '.join(f'{v:.4g}' for v in c['values'])})"
+                      for c in ro["candidates"])
+    return [f"Runoff: the candidates within {ro['margin']:.0%} of the fastest within budget, timed again in "
+            f"turns ({ro['rounds']} rounds), median {ro['unit']}: {timed} → `{ro['winner']}`.", ""]
+
+
 def markdown(report: dict) -> str:
     axis = report["quality_axis"]
     unit = report["objective_unit"]
@@ -93,6 +106,7 @@ def markdown(report: dict) -> str:
              "", f"**{report['status']}**: {report['message']}", ""]
     if report.get("heldout"):
         lines += _heldout_lines(report)
+    lines += _runoff_lines(report)
     for r in report.get("heldout_rejected", []):
         lines.append(f"- `{r['name']}` was within budget on the search split but not on the held-out split: "
                      f"{'; '.join(r['failures'])}")

@@ -120,6 +120,9 @@ class DecoderSearch(SearchLoop):
                   "decode_bytes": sp["decode_bytes"], "kinds": sorted(est[1]) if est else _kinds(modules)}
         return fields, eval_s, sp["seconds"]
 
+    def time_speed(self, c: Candidate, built: Built) -> float:
+        return speed(built[0], c.name, self.cfg.objective, self.prompt, self.speed_settings)["value"]
+
     def heldout_quality(self, built: Built) -> dict:
         return quality(built[0], self.splits.heldout)
 
