@@ -112,9 +112,9 @@ def measure_encoder(loaded, texts: list[str], reference: np.ndarray, objective: 
         warnings.simplefilter("ignore", TruncationWarning)
         ids, types = enc.tokenize(texts)
         q = embedding_quality(enc.embed(ids, types, settings.batch, normalize=False).numpy(), reference)
-    eval_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    sp = _speed(enc, ids, types, objective, settings)
+        eval_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sp = _speed(enc, ids, types, objective, settings)
     return q, sp, eval_s, time.perf_counter() - t0
 
 
@@ -126,7 +126,7 @@ def encoder_speed(loaded, texts: list[str], objective: str, settings: EncoderSpe
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TruncationWarning)
         ids, types = enc.tokenize(texts)
-    return _speed(enc, ids, types, objective, settings)
+        return _speed(enc, ids, types, objective, settings)
 
 
 def _speed(enc, ids, types, objective: str, settings: EncoderSpeedSettings) -> dict[str, Any]:

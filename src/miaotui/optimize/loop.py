@@ -9,8 +9,9 @@ the held-out measure and writing the checkpoint.
    win (``cannot_win``) or whose estimated cost would overrun the time limit (``CostModel``) is skipped
    before it is built; any other is built, measured and its result appended to the cache at once.
 3. The winner is the fastest candidate within budget on the search split (the near-best re-timed head to
-   head first: ``runoff.py``) that still meets the budget on the held-out split (else the next fastest); it is written to DIR as a normal checkpoint, with
-   ``report.md``, ``report.json`` and ``pareto.png`` (``report.py``). No candidate within budget: exit 2,
+   head first: ``runoff.py``) that still meets the budget on the held-out split (else the next fastest); it
+   is written to DIR as a normal checkpoint, with ``report.md``, ``report.json`` and ``pareto.png``
+   (``report.py``). No candidate within budget: exit 2,
    the closest one named.
 """
 
@@ -445,8 +446,9 @@ class SearchLoop:
         if chosen is not None:
             status, code = "ok", 0
             message = (f"chose {chosen.candidate.name}: {speed_text(chosen.record['speed'])}{self._gain(chosen)}"
-                       f"{self._runoff_note(chosen)}{_bytes(chosen.record, ',')}; held-out {self.describe_quality(heldout_q)} "
-                       f"(budget {self.budget}) → {cfg.output}{self.choice_note(chosen)}")
+                       f"{self._runoff_note(chosen)}{_bytes(chosen.record, ',')}; "
+                       f"held-out {self.describe_quality(heldout_q)} (budget {self.budget}) → {cfg.output}"
+                       f"{self.choice_note(chosen)}")
             if not chosen.candidate.steps and not _variant(chosen.candidate):
                 message = ("no compressed candidate meets the budget: the source itself is the fastest within "
                            f"it; written unchanged to {cfg.output}")

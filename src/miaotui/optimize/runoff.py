@@ -52,8 +52,8 @@ def run_runoff(loop: SearchLoop, passing: list[Entry]) -> tuple[list[Entry], dic
         return passing, None
     names = [e.candidate.name for e in close]
     kept = loop.kept[0] if loop.kept is not None else None
-    cost = sum(ROUNDS * e.record.get("speed_s", 0.0) + (0.0 if e.candidate.name == kept else e.record.get("build_s", 0.0))
-               for e in close)
+    cost = sum(ROUNDS * e.record.get("speed_s", 0.0)
+               + (0.0 if e.candidate.name == kept else e.record.get("build_s", 0.0)) for e in close)
     if loop.elapsed() + cost + loop.reserve() > loop.cfg.time_limit:
         return passing, _skipped(loop, names, f"needs ~{cost:.0f} s, {max(loop.left(), 0):.0f} s left")
     avail = _available_memory()
