@@ -339,18 +339,25 @@ def test_killed_run_resumes_from_its_cache(hf_folder, tmp_path, capsys, monkeypa
     assert _report(out)["counts"] == {**_report(out)["counts"], "built": 1, "from_cache": 0}
 
 
-def test_runoff_times_the_near_best_again_and_chooses_the_best_median(hf_folder, tmp_path, capsys, monkeypatch):
-    """Every int4/int8 format passes a loose budget; with the margin opened wide the three fastest are
-    re-timed in turns and the best median is chosen and written."""
+def _loose_search(hf_folder, tmp_path, capsys, monkeypatch, families: str, candidates: int):
+    """A search every int4/int8 format passes, with the runoff's margin opened wide: (out, report, stderr)."""
     from miaotui.optimize import runoff
 
     monkeypatch.setattr(runoff, "MARGIN", 10.0)
     folder, _ = hf_folder("llama-gqa-untied")
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "optimize", "-m", str(folder), "--budget", "kld<=10", "-o", str(out),
-                           "--families", "uniform,groups", "--max-candidates", "4", *SMALL)
+                           "--families", families, "--max-candidates", str(candidates), *SMALL)
     assert code == 0, err
-    r = _report(out)
+    return out, _report(out), err
+
+
+def test_runoff_times_the_near_best_again_and_chooses_the_best_median(hf_folder, tmp_path, capsys, monkeypatch):
+    """Every int4/int8 format passes a loose budget; with the margin opened wide the three fastest are
+    re-timed in turns and the best median is chosen and written."""
+    from miaotui.optimize import runoff
+
+    out, r, err = _loose_search(hf_folder, tmp_path, capsys, monkeypatch, "uniform,groups", 4)
     ro = r["runoff"]
     passing = sorted((c for c in r["candidates"] if c.get("in_budget")), key=lambda c: -c["speed"]["value"])
     assert {c["name"] for c in ro["candidates"]} == {c["name"] for c in passing[:runoff.MAX_CONTENDERS]}
@@ -363,14 +370,8 @@ def test_runoff_times_the_near_best_again_and_chooses_the_best_median(hf_folder,
 def test_runoff_is_skipped_without_the_time_for_it(hf_folder, tmp_path, capsys, monkeypatch):
     from miaotui.optimize import runoff
 
-    monkeypatch.setattr(runoff, "MARGIN", 10.0)
     monkeypatch.setattr(runoff, "ROUNDS", 10 ** 6)  # a runoff that could never fit the time limit
-    folder, _ = hf_folder("llama-gqa-untied")
-    out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "optimize", "-m", str(folder), "--budget", "kld<=10", "-o", str(out),
-                           "--families", "uniform", "--max-candidates", "3", *SMALL)
-    assert code == 0, err
-    r = _report(out)
+    out, r, _ = _loose_search(hf_folder, tmp_path, capsys, monkeypatch, "uniform", 3)
     assert r["runoff"]["skipped"].startswith("needs") and "skipped" in (out / "report.md").read_text()
     fastest = max((c for c in r["candidates"] if c.get("in_budget")), key=lambda c: c["speed"]["value"])
     assert r["chosen"] == fastest["name"]  # the search's own timings decide
