@@ -207,15 +207,14 @@ class DecodePlan : public torch::CustomClassHolder {
 
   // what a linear's kernel needs of its input (int4, int8: the activations in int16 with block scales), per thread
   static void prepare_input(const Linear& l, const float* in, int64_t M, Scratch& sc) {
-    if (l.kind == kInt8 && int8q_ok(l.K, l.G)) {
-      sc.xq.resize(q_xq_size(M, l.K));
-      sc.xsc.resize(q_xsc_size(M, l.K));
+    const bool int8q = l.kind == kInt8 && int8q_ok(l.K, l.G);
+    if (!int8q && l.kind != kInt4) return;
+    sc.xq.resize(q_xq_size(M, l.K));
+    sc.xsc.resize(q_xsc_size(M, l.K));
+    if (int8q) {
       int8q_activations(in, M, l.K, sc.xq.data(), sc.xsc.data());
       return;
     }
-    if (l.kind != kInt4) return;
-    sc.xq.resize(q_xq_size(M, l.K));
-    sc.xsc.resize(q_xsc_size(M, l.K));
     sc.xsum.resize(int4q_xsum_size(M, l.K, l.group));
     int4q_activations(in, M, l.K, l.group, sc.xq.data(), sc.xsc.data(), sc.xsum.data());
   }
