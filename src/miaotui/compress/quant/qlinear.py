@@ -28,6 +28,16 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
+def _fill_int8(m: "Int8Linear | W8A8Linear", qw: QuantizedWeight, scale: torch.Tensor,
+               bias: torch.Tensor | None) -> "Int8Linear | W8A8Linear":
+    """``m`` (just built) holding ``qw``'s symmetric int8 codes, ``scale`` and ``bias``."""
+    m.qweight.copy_(qw.q.to(torch.int8))
+    m.scale.copy_(scale)
+    if bias is not None:
+        m.bias.data.copy_(bias.float())
+    return m
+
+
 class QuantLinear(nn.Module):
     kind = ""
 
@@ -89,11 +99,7 @@ class Int8Linear(QuantLinear):
             raise ValueError("Int8Linear takes symmetric 8-bit weights with a group size dividing in_features, "
                              f"got bits={qw.bits}, symmetric={qw.symmetric}, group={qw.group_size}")
         m = cls(qw.shape[1], qw.shape[0], bias is not None, group_size=qw.group_size)
-        m.qweight.copy_(qw.q.to(torch.int8))
-        m.scale.copy_(qw.scale if m.grouped else qw.scale[:, 0])
-        if bias is not None:
-            m.bias.data.copy_(bias.float())
-        return m
+        return _fill_int8(m, qw, qw.scale if m.grouped else qw.scale[:, 0], bias)
 
     def scale_columns(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The scale as [out, groups] (groups = 1 per channel): what multiplies ``qweight`` viewed by group."""
@@ -275,12 +281,7 @@ class W8A8Linear(QuantLinear):
         # the integer product applies one weight scale per output row after the sum: no groups
         if qw.bits != 8 or not qw.symmetric or qw.group_size != qw.shape[1]:
             raise ValueError("W8A8Linear takes symmetric per-channel 8-bit weights")
-        m = cls(qw.shape[1], qw.shape[0], bias is not None)
-        m.qweight.copy_(qw.q.to(torch.int8))
-        m.scale.copy_(qw.scale[:, 0])
-        if bias is not None:
-            m.bias.data.copy_(bias.float())
-        return m
+        return _fill_int8(cls(qw.shape[1], qw.shape[0], bias is not None), qw, qw.scale[:, 0], bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.qweight.to(dtype) * self.scale.to(dtype).unsqueeze(1)
