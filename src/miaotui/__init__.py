@@ -1,13 +1,8 @@
 """miaotui (秒推): fast LLM inference on CPU — engine, compression, evaluation, serving."""
 
-import os
+from miaotui import allocator
 
-# Decode streams every weight from memory per token: on 2 MB pages (PyTorch's allocator madvises blocks of
-# 2 MB and more when this is set) the hardware prefetchers are not stopped at every 4 KB page boundary and
-# TLB misses drop: fp32 decode +8 % (median of 7 process pairs), GEMV bandwidth +4-8 % in one process
-# (docs/BENCHMARKS.md). PyTorch reads it at its first allocation, so it only takes effect when miaotui is
-# imported before torch (the CLI always is); an explicit setting, e.g. 0, is kept.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+allocator.setup()  # 2 MB pages for weights, freed activations kept for reuse (see allocator.py)
 
 from miaotui.config import GenerationStats, SamplingParams
 from miaotui.errors import MiaotuiError, ModelLoadError, PromptTooLongError

@@ -16,7 +16,7 @@ import torch
 from miaotui.kernels.build import ENV, load as available, loaded_isa
 
 __all__ = ["ENV", "INT4_GROUP_MULTIPLE", "INT8_GROUP_MULTIPLE", "available", "loaded_isa", "int8_gemv", "int4_gemv",
-           "dense_gemv"]
+           "dense_gemv", "varlen_attention"]
 
 INT4_GROUP_MULTIPLE = 32  # int4 groups must be whole 16-byte blocks of 32 codes (see csrc/gemv.cpp)
 INT8_GROUP_MULTIPLE = 16  # grouped int8 scales: groups of whole vectors (16 lanes with AVX-512)
@@ -50,3 +50,11 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """x · weightᵀ + bias for a bf16 or fp32 weight [out, in], accumulated in fp32."""
     y = torch.ops.miaotui.gemv_dense(_rows(x), weight, _bias(bias))
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """Bidirectional attention within each of B packed sequences: qkv [N, 3W] (q | k | v, W = heads ×
+    head_dim, head_dim % 8 == 0), sequence b = rows cu_seqlens[b]:cu_seqlens[b+1] → [N, W], in qkv's dtype
+    (computed in fp32). Equals softmax(q kᵀ · scale) v per sequence and head."""
+    y = torch.ops.miaotui.varlen_attention(qkv.float(), cu_seqlens, heads, scale)
+    return y.to(qkv.dtype)

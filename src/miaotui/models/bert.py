@@ -2,9 +2,11 @@
 and the heads a checkpoint carries: masked-LM, sequence classification, sentence-transformers pooling.
 
 The fast path works on a *packed* batch: the tokens of all inputs concatenated, (N, C), no padding. Every
-linear layer (~93 % of the FLOPs of MiniLM at 150 tokens) runs on real tokens only; attention alone gathers
-the packed q/k/v into a (B, H, T, D) layout with a key mask, because SDPA needs rectangles. The caller sorts
-inputs by length (``encoder/api.py``), so that small padding is the only one left.
+linear layer (~93 % of the FLOPs of MiniLM at 150 tokens) runs on real tokens only. Attention too, where the
+native kernel runs (``kernels.varlen_attention``: per sequence and head, on the packed q/k/v, CPU inference):
+elsewhere (training, CUDA, no compiler) it gathers the packed q/k/v into a (B, H, T, D) layout with a key
+mask, because SDPA needs rectangles. The caller sorts inputs by length (``encoder/api.py``), so that small
+padding is the only one left.
 
 RoBERTa differs from BERT by a position offset (positions start at ``pad_token_id + 1``), no pooler, and a
 two-layer classification head; the rest is shared.
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miaotui import kernels
 from miaotui.errors import ModelLoadError
 from miaotui.models.base import fuse_linears
 
@@ -98,12 +101,13 @@ class Packed:
     pad_index: torch.Tensor | None  # (B, T) packed row of each padded slot (padding repeats a real row)
     valid_flat: torch.Tensor | None  # (N,) where each token sits in the flattened (B*T) padded layout
     key_mask: torch.Tensor | None  # (B, 1, 1, T) True = attend; None when every length is equal
+    cu_seqlens: torch.Tensor  # (B + 1,) int64: sequence b is rows cu_seqlens[b]:cu_seqlens[b + 1]
 
     @property
     def layout(self) -> tuple[torch.Tensor | None, ...]:
         """What attention needs, as tensors only: a compiled layer stack then never specialises on the
         python-int ``lengths`` (which would recompile for every new batch)."""
-        return self.pad_index, self.valid_flat, self.key_mask
+        return self.pad_index, self.valid_flat, self.key_mask, self.cu_seqlens
 
 
 def pack(seqs: list[list[int]], token_types: list[list[int]] | None = None, position_offset: int = 0,
@@ -131,7 +135,8 @@ def pack(seqs: list[list[int]], token_types: list[list[int]] | None = None, posi
         valid_flat = torch.nonzero(valid.flatten()).squeeze(1)  # row-major = packed order
         if min(lengths) != t:
             key_mask = valid[:, None, None, :]
-    return Packed(ids, pos, tt, lengths, starts, seq_index, pad_index, valid_flat, key_mask)
+    cu_seqlens = torch.cat([starts, lens.sum().reshape(1)]).to(torch.long)
+    return Packed(ids, pos, tt, lengths, starts, seq_index, pad_index, valid_flat, key_mask, cu_seqlens)
 
 
 class SelfAttention(nn.Module):
@@ -143,6 +148,7 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(c, c)
         self.qkv: nn.Linear | None = None  # set by fuse(): one matmul instead of three
         self.qkv_split: list[int] = []
+        self.native = False  # set by encoder/prepare.py where the native varlen kernel runs (CPU, fp32)
 
     def fuse(self) -> None:
         self.qkv, self.qkv_split = fuse_linears([self.query, self.key, self.value])
@@ -150,7 +156,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: tuple) -> torch.Tensor:
         """x: (N, C) packed → (N, C); ``layout`` is ``Packed.layout``."""
-        pad_index, valid_flat, key_mask = layout
+        pad_index, valid_flat, key_mask, cu_seqlens = layout
         if self.qkv is not None:
             qkv = self.qkv(x)  # (N, 3W)
         else:
@@ -159,6 +165,8 @@ class SelfAttention(nn.Module):
         if width == 0:  # every head pruned: only the output bias is left
             return self.out(qkv)
         heads = width // self.head_dim
+        if self.native and not qkv.requires_grad:  # no autograd through the native op
+            return self.out(kernels.varlen_attention(qkv, cu_seqlens, heads, self.head_dim ** -0.5))
         if pad_index is None:  # one sequence: no padding at all
             q, k, v = qkv.view(1, -1, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × (1, H, N, D)
             return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, width))

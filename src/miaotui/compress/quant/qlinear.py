@@ -321,15 +321,25 @@ class W8A8Linear(QuantLinear):
 
     def _fbgemm_forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
-        sx = x2.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127.0
+        sx = self.activation_scale(x2)
         # quantized with scale 1 and zero point 128: the codes are round(x / s_x) + 128, as _int_forward's
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2 / sx, 1.0, 128, self._fbgemm_weight)
-        y = y * sx
-        return self._add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
+        y.mul_(sx)  # scale and bias in place: no fresh output-sized tensors (each one is page-faulted in)
+        if self.bias is not None:
+            y.add_(self.bias.to(y.dtype))
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     @staticmethod
-    def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8).float() / 127.0
+    def activation_scale(x: torch.Tensor) -> torch.Tensor:
+        """max|x| / 127 per row, as fp32 (rows, 1). max(max x, -min x): two reductions without the temporary
+        of abs(), measured 0.27 vs 3.4 ms (4800 x 384) and 2.0 vs 3.4 ms (4800 x 1536) at 2 threads;
+        linalg.vector_norm(inf) took 3.8 and 12.5 ms."""
+        amax = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
+        return amax.float().clamp_(min=1e-8).div_(127.0)
+
+    @classmethod
+    def quantize_activations(cls, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = cls.activation_scale(x)
         return torch.round(x.float() / scale).clamp(-127, 127), scale
 
     def _int_forward(self, x: torch.Tensor, int_mm: bool) -> torch.Tensor:

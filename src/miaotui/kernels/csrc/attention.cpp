@@ -1,0 +1,216 @@
+// Bidirectional attention over a packed batch of variable-length sequences (encoders), fp32.
+//
+//   varlen_attention(qkv [N, 3W], cu_seqlens [B+1], heads, scale) -> [N, W]
+//
+// qkv holds each token's q | k | v (W = heads * head_dim each, as the fused projection writes them);
+// sequence b is rows cu_seqlens[b] .. cu_seqlens[b+1], and every token attends to all tokens of its own
+// sequence only. No padding, no mask, no gather into a (B, H, T, D) rectangle: SDPA's CPU kernel took
+// 22 % of an all-MiniLM-L6-v2 batch (head_dim 32, ~150 tokens) plus two index_selects around it.
+//
+// One task per (sequence, head): the head's keys are transposed into a [D, T] scratch, so the scores of
+// 4 queries come from broadcast-FMAs over 16 keys at a time; a vectorised exp gives the softmax; the
+// output is accumulated as probability-weighted value rows (2 queries x up to 32 dims per pass), read
+// from a contiguous [T, D] copy of the head's values. On MiniLM-shaped batches (32 sequences of 100-256
+// tokens, 12 heads of 32): 24-27 ms against 51-56 ms for SDPA with its gathers, 2 threads.
+// Tasks are numbered head-major, so each thread's contiguous share holds every sequence (a batch is
+// sorted by length: sequence-major numbering would give one thread all the long ones).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// e^x for x <= 0 (scores minus their maximum): 2^n * p(r), |r| <= ln2 / 2, degree-6 Taylor
+// polynomial (relative error ~2e-7); inputs below -87 give e^-87 ~ 1.6e-38, not 0.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact n * hi
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// dst[i * ldd + r] = src[r * lds + i] for an 8 x 8 block
+inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+constexpr int kRows = 4;   // queries per score pass (6 measured the same)
+constexpr int kKeys = 16;  // keys per score pass (two vectors)
+
+struct Head {
+  const float* q;  // row t of this head's queries at q + t * ld (keys at +W, values at +2W)
+  int64_t ld, width, T, D;
+  float* out;      // row t at out + t * ldo
+  int64_t ldo;
+};
+
+// scores[r][j] = scale * q_r . k_j for j < Tp (keys past T read the zero padding of kt)
+inline void scores(const float* qs, const float* kt, int64_t D, int64_t Tp, float* s) {
+  for (int64_t j0 = 0; j0 < Tp; j0 += kKeys) {
+    __m256 acc[kRows][2];
+    for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const __m256 k0 = _mm256_loadu_ps(kt + d * Tp + j0), k1 = _mm256_loadu_ps(kt + d * Tp + j0 + 8);
+      for (int r = 0; r < kRows; ++r) {
+        const __m256 qv = _mm256_broadcast_ss(qs + r * D + d);
+        acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      _mm256_storeu_ps(s + r * Tp + j0, acc[r][0]);
+      _mm256_storeu_ps(s + r * Tp + j0 + 8, acc[r][1]);
+    }
+  }
+}
+
+// in place: s[0..Tp) -> exp(s - max) over the first T entries (the rest -> ~0); returns 1 / sum
+inline float softmax_row(float* s, int64_t T, int64_t Tp) {
+  for (int64_t j = T; j < Tp; ++j) s[j] = -INFINITY;
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < Tp; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const __m256 mx = _mm256_set1_ps(_mm_cvtss_f32(h));
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < Tp; j += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), mx));
+    _mm256_storeu_ps(s + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  return 1.0f / _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// out rows r0, r1 (dims d0 .. d0 + 8 NV) = sum_j p[r][j] v_j, times inv[r]; r1 may repeat r0; v: [T, D]
+template <int NV>
+inline void weighted_values(const Head& h, const float* v, const float* p0, const float* p1, float inv0, float inv1,
+                            int64_t d0, float* o0, float* o1) {
+  __m256 a0[NV], a1[NV];
+  for (int i = 0; i < NV; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
+  const float* vrow = v + d0;
+  for (int64_t j = 0; j < h.T; ++j, vrow += h.D) {
+    const __m256 b0 = _mm256_broadcast_ss(p0 + j), b1 = _mm256_broadcast_ss(p1 + j);
+    for (int i = 0; i < NV; ++i) {
+      const __m256 x = _mm256_loadu_ps(vrow + 8 * i);
+      a0[i] = _mm256_fmadd_ps(b0, x, a0[i]);
+      a1[i] = _mm256_fmadd_ps(b1, x, a1[i]);
+    }
+  }
+  for (int i = 0; i < NV; ++i) {
+    _mm256_storeu_ps(o0 + d0 + 8 * i, _mm256_mul_ps(a0[i], _mm256_set1_ps(inv0)));
+    _mm256_storeu_ps(o1 + d0 + 8 * i, _mm256_mul_ps(a1[i], _mm256_set1_ps(inv1)));
+  }
+}
+
+void attend(const Head& h, float scale, std::vector<float>& scratch) {
+  const int64_t T = h.T, D = h.D, Tp = (T + kKeys - 1) / kKeys * kKeys;
+  // not cleared: the padded key columns of kt give scores that softmax_row overwrites with -inf
+  scratch.resize(std::max<size_t>(scratch.size(), D * Tp + T * D + kRows * Tp + kRows * D));
+  float *kt = scratch.data(), *v = kt + D * Tp, *s = v + T * D, *qs = s + kRows * Tp;
+  // keys transposed, values contiguous: rows of qkv lie 3W floats apart (4.6 KB for MiniLM), which maps
+  // every row onto the same few L1 sets (SDPA time / this kernel went from 1.46-1.60 to 1.65-1.82 with the copy)
+  int64_t j = 0;
+  for (; j + 8 <= T; j += 8) {  // 8 keys x 8 dims at a time (a scalar transpose took ~15 % of the kernel)
+    const float* k = h.q + j * h.ld + h.width;
+    for (int64_t d = 0; d < D; d += 8) transpose8(k + d, h.ld, kt + d * Tp + j, Tp);
+  }
+  for (; j < T; ++j) {
+    const float* k = h.q + j * h.ld + h.width;
+    for (int64_t d = 0; d < D; ++d) kt[d * Tp + j] = k[d];
+  }
+  for (j = 0; j < T; ++j) std::memcpy(v + j * D, h.q + j * h.ld + 2 * h.width, D * sizeof(float));
+  for (int64_t i0 = 0; i0 < T; i0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, T - i0));
+    for (int r = 0; r < kRows; ++r) {  // a short last block repeats its first query (results unused)
+      const float* q = h.q + (i0 + (r < rows ? r : 0)) * h.ld;
+      for (int64_t d = 0; d < D; ++d) qs[r * D + d] = q[d] * scale;
+    }
+    scores(qs, kt, D, Tp, s);
+    float inv[kRows];
+    for (int r = 0; r < rows; ++r) inv[r] = softmax_row(s + r * Tp, T, Tp);
+    for (int r = 0; r < rows; r += 2) {
+      const int r1 = r + 1 < rows ? r + 1 : r;
+      float *o0 = h.out + (i0 + r) * h.ldo, *o1 = h.out + (i0 + r1) * h.ldo;
+      for (int64_t d0 = 0; d0 < D; d0 += 32) {
+        const float *p0 = s + r * Tp, *p1 = s + r1 * Tp;
+        switch (std::min<int64_t>(4, (D - d0) / 8)) {
+          case 4: weighted_values<4>(h, v, p0, p1, inv[r], inv[r1], d0, o0, o1); break;
+          case 3: weighted_values<3>(h, v, p0, p1, inv[r], inv[r1], d0, o0, o1); break;
+          case 2: weighted_values<2>(h, v, p0, p1, inv[r], inv[r1], d0, o0, o1); break;
+          default: weighted_values<1>(h, v, p0, p1, inv[r], inv[r1], d0, o0, o1); break;
+        }
+      }
+    }
+  }
+}
+
+at::Tensor varlen_attention(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t heads, double scale) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.dim() == 2 && qkv.stride(1) == 1,
+              "qkv must be a 2-D fp32 CPU tensor with contiguous rows");
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong && cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 2 &&
+                  cu_seqlens.is_contiguous(),
+              "cu_seqlens must be a 1-D int64 tensor of B + 1 offsets");
+  const int64_t N = qkv.size(0), W = qkv.size(1) / 3;
+  TORCH_CHECK(qkv.size(1) == 3 * W && heads > 0 && W % heads == 0 && (W / heads) % 8 == 0,
+              "qkv must hold q | k | v of heads x head_dim columns each, head_dim a multiple of 8");
+  const int64_t D = W / heads, B = cu_seqlens.numel() - 1;
+  const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
+  TORCH_CHECK(cu[0] == 0 && cu[B] == N, "cu_seqlens must run from 0 to the number of rows");
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(cu[b + 1] > cu[b], "cu_seqlens: every sequence needs a token");
+  at::Tensor out = at::empty({N, W}, qkv.options());
+  const float* base = qkv.data_ptr<float>();
+  float* obase = out.data_ptr<float>();
+  const int64_t ld = qkv.stride(0);
+  at::parallel_for(0, B * heads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t % B, hd = t / B;
+      const Head h{base + cu[b] * ld + hd * D, ld, W, cu[b + 1] - cu[b], D, obase + cu[b] * W + hd * D, W};
+      attend(h, static_cast<float>(scale), scratch);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(miaotui, m) {
+  m.def("varlen_attention(Tensor qkv, Tensor cu_seqlens, int heads, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(miaotui, CPU, m) { m.impl("varlen_attention", &varlen_attention); }
