@@ -7,8 +7,9 @@ where each token's K/V goes (the slot mapping) and which request each query row 
 ``PagedKVCache.attend`` then
 
 1. writes the step's K/V at their slots (so a chunk attends to itself through the cache like to its past),
-2. attends all one-token requests (decodes) together: their contexts are gathered block by block into a
-   padded (B, Hkv, S, D) batch and masked past each context length (and outside a sliding window),
+2. attends all one-token requests (decodes) together: with the native kernel (fp32 cache, CPU) straight from
+   the pool through the block tables; otherwise their contexts are gathered block by block into a padded
+   (B, Hkv, S, D) batch and masked past each context length (and outside a sliding window),
 3. attends each longer prompt chunk on its own with SDPA and a causal mask offset by its start position.
 
 Rows are ordered decodes first, then chunks, so each group is a contiguous slice of the flat batch.
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from miaotui import kernels
 from miaotui.engine.scheduler import SchedulerOutput
 from miaotui.models import CausalLM
 from miaotui.models.base import attend, decode_attention
@@ -180,6 +182,15 @@ class PagedKVCache(nn.Module):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch = scratch or Scratch()
         self.step: StepBatch | None = None
+        self.native: bool | None = None  # decided at the first decode (see _native_decode)
+
+    def _native_decode(self, q: torch.Tensor) -> bool:
+        """Whether the decode group runs the native paged kernel: fp32 cache and queries on the CPU, head_dim a
+        multiple of 8, kernels built (``MIAOTUI_NATIVE=0`` keeps the gather + matmul path)."""
+        if self.native is None:
+            self.native = (self.k.device.type == "cpu" and self.k.dtype == torch.float32
+                           and self.k.shape[-1] % 8 == 0 and kernels.available())
+        return self.native and q.dtype == torch.float32 and not q.requires_grad
 
     def _gather_decode(self, pool: torch.Tensor, g: DecodeGroup, name: str) -> torch.Tensor:
         """The decode group's contexts from ``pool`` as (B, Hkv, S, D), in a scratch buffer."""
@@ -229,7 +240,12 @@ class PagedKVCache(nn.Module):
         scale = scale if scale is not None else q.shape[-1] ** -0.5
         self._write(step.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))
         parts = []
-        if step.decodes is not None:
+        if step.decodes is not None and self._native_decode(q):  # straight from the pool, no gathered copy
+            g = step.decodes
+            yd = kernels.paged_decode_attention(q[0, :, :g.size].transpose(0, 1), self.k, self.v, g.block_tables,
+                                                g.context_lens, self.block_size, scale, window)  # (B, H, D)
+            parts.append(yd.transpose(0, 1).unsqueeze(0))  # (1, H, B, D)
+        elif step.decodes is not None:
             g = step.decodes
             qd = q[0, :, :g.size].transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
             kd = self._gather_decode(self.k, g, "k")  # (B, Hkv, S, D)

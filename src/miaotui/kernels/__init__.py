@@ -16,7 +16,7 @@ import torch
 from miaotui.kernels.build import ENV, load as available, loaded_isa
 
 __all__ = ["ENV", "INT4_GROUP_MULTIPLE", "INT8_GROUP_MULTIPLE", "available", "loaded_isa", "int8_gemv", "int4_gemv",
-           "dense_gemv", "varlen_attention"]
+           "dense_gemv", "varlen_attention", "paged_decode_attention"]
 
 INT4_GROUP_MULTIPLE = 32  # int4 groups must be whole 16-byte blocks of 32 codes (see csrc/gemv.cpp)
 INT8_GROUP_MULTIPLE = 16  # grouped int8 scales: groups of whole vectors (16 lanes with AVX-512)
@@ -58,3 +58,13 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, heads: int, sc
     (computed in fp32). Equals softmax(q kᵀ · scale) v per sequence and head."""
     y = torch.ops.miaotui.varlen_attention(qkv.float(), cu_seqlens, heads, scale)
     return y.to(qkv.dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, block_size: int, scale: float,
+                           window: int | None = None) -> torch.Tensor:
+    """One query per sequence over a paged fp32 KV cache: q [B, H, D]; pools [slots, Hkv, D] (GQA: H a
+    multiple of Hkv); sequence b's key j in slot block_tables[b, j // block_size] * block_size + j % block_size;
+    it sees its last ``window`` keys (None: all) of context_lens[b] → [B, H, D]."""
+    return torch.ops.miaotui.paged_decode_attention(q.contiguous(), k_pool, v_pool, block_tables, context_lens,
+                                                    block_size, scale, window or 0)

@@ -68,6 +68,7 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"miaotui::{op}")(rows_by_out)
     torch.library.register_fake("miaotui::varlen_attention")(
         lambda qkv, cu_seqlens, heads, scale: qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3))
+    torch.library.register_fake("miaotui::paged_decode_attention")(lambda q, *_args: torch.empty_like(q))
     _state["fakes"] = True
 
 
@@ -167,4 +168,15 @@ def _attention_self_check(g: torch.Generator) -> str | None:
         if not torch.allclose(got[cu[b]:cu[b + 1]].double(), want.transpose(0, 1).reshape(-1, heads * dim),
                               rtol=1e-4, atol=1e-5):
             return "varlen_attention"
+    # paged: 2 sequences of 11 and 4 keys in blocks of 4 (a full group of 8 keys and tails), 2 queries per KV head
+    pool_k, pool_v = torch.randn(2, 6 * 4, 2, 16, generator=g)
+    tables, lens = torch.tensor([[5, 0, 3], [2, 0, 0]]), torch.tensor([11, 4])
+    q = torch.randn(2, 4, 16, generator=g)
+    got = torch.ops.miaotui.paged_decode_attention(q, pool_k, pool_v, tables, lens, 4, 0.25, 0)
+    for b in range(2):
+        slots = (tables[b, :, None] * 4 + torch.arange(4)).flatten()[:lens[b]]
+        k, v = pool_k[slots].double().repeat_interleave(2, 1), pool_v[slots].double().repeat_interleave(2, 1)
+        want = torch.einsum("hs,shd->hd", torch.softmax(torch.einsum("hd,shd->hs", q[b].double(), k) * 0.25, -1), v)
+        if not torch.allclose(got[b].double(), want, rtol=1e-4, atol=1e-5):
+            return "paged_decode_attention"
     return None

@@ -207,10 +207,138 @@ at::Tensor varlen_attention(const at::Tensor& qkv, const at::Tensor& cu_seqlens,
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// One query per sequence over a paged KV cache (batched decode):
+//
+//   paged_decode_attention(q [B, H, D], k_pool, v_pool [slots, Hkv, D], block_tables [B, W],
+//                          context_lens [B], block_size, scale, window) -> [B, H, D]
+//
+// Sequence b's key j lives in slot block_tables[b][j / block_size] * block_size + j % block_size; it sees
+// keys [max(0, L - window), L) of its context length L (window 0: all). The keys and values are read from
+// the pool where they are: the PyTorch path gathered every context into a padded (B, Hkv, S, D) copy per
+// layer and step (index_select + two bmm: 5.1 of 34.6 s in 32 concurrent requests on SmolLM2).
+// One task per (sequence, KV head); its G = H / Hkv query heads reuse each key and value row from L1.
+
+// the 8 lane sums of a[0..8) as one vector (three rounds of pairwise adds)
+inline __m256 sum8x8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+struct Paged {
+  const float *k, *v;  // pools: slot s, KV head g at (s * hkv + g) * D
+  const int64_t* table;  // this sequence's block table
+  int64_t block_size, hkv, D;
+  const float* row(const float* pool, int64_t j, int64_t g) const {
+    return pool + ((table[j / block_size] * block_size + j % block_size) * hkv + g) * D;
+  }
+};
+
+// s[j] = scale * q . k_{lo+j} for j < n
+void paged_scores(const Paged& p, int64_t g, const float* q, int64_t lo, int64_t n, float scale, float* s) {
+  const int64_t D = p.D;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const float* k[8];
+    for (int i = 0; i < 8; ++i) k[i] = p.row(p.k, lo + j + i, g);
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < D; c += 8) {
+      const __m256 qc = _mm256_loadu_ps(q + c);
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[i] + c), acc[i]);
+    }
+    _mm256_storeu_ps(s + j, _mm256_mul_ps(sum8x8(acc), _mm256_set1_ps(scale)));
+  }
+  for (; j < n; ++j) {
+    const float* k = p.row(p.k, lo + j, g);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t c = 0; c < D; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), acc);
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    s[j] = scale * _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+  }
+}
+
+// out[d0 .. d0 + 8 NV) = inv * sum_j s[j] v_{lo+j}
+template <int NV>
+void paged_values(const Paged& p, int64_t g, const float* s, int64_t lo, int64_t n, float inv, int64_t d0, float* out) {
+  __m256 acc[NV];
+  for (int i = 0; i < NV; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const float* v = p.row(p.v, lo + j, g) + d0;
+    const __m256 w = _mm256_broadcast_ss(s + j);
+    for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
+  }
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + d0 + 8 * i, _mm256_mul_ps(acc[i], _mm256_set1_ps(inv)));
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
+                                  double scale, int64_t window) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.is_contiguous(),
+              "q must be a contiguous fp32 CPU tensor [B, H, D]");
+  for (const at::Tensor* t : {&k_pool, &v_pool})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->is_contiguous() && t->size(2) == q.size(2) &&
+                    t->sizes() == k_pool.sizes(),
+                "k_pool and v_pool must be contiguous fp32 [slots, Hkv, D] with q's head_dim");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), hkv = k_pool.size(1), slots = k_pool.size(0);
+  TORCH_CHECK(D % 8 == 0 && hkv > 0 && H % hkv == 0, "head_dim must be a multiple of 8 and heads of KV heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.size(0) == B &&
+                  block_tables.is_contiguous() && context_lens.scalar_type() == at::kLong &&
+                  context_lens.numel() == B && context_lens.is_contiguous() && block_size > 0,
+              "block_tables: int64 [B, max_blocks]; context_lens: int64 [B]");
+  const int64_t W = block_tables.size(1), G = H / hkv;
+  const int64_t *tables = block_tables.data_ptr<int64_t>(), *lens = context_lens.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] > 0 && lens[b] <= W * block_size, "context length ", lens[b], " outside its block table");
+    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i)
+      TORCH_CHECK(tables[b * W + i] >= 0 && (tables[b * W + i] + 1) * block_size <= slots, "block id out of the pool");
+    longest = std::max(longest, lens[b]);
+  }
+  at::Tensor out = at::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(longest + 8);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / hkv, g = t % hkv, L = lens[b], lo = window > 0 ? std::max<int64_t>(0, L - window) : 0;
+      const Paged p{k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), tables + b * W, block_size, hkv, D};
+      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+        const int64_t n = L - lo;
+        paged_scores(p, g, qp + (b * H + h) * D, lo, n, static_cast<float>(scale), s.data());
+        const int64_t np = (n + 7) / 8 * 8;
+        const float inv = softmax_row(s.data(), n, np);
+        float* o = op + (b * H + h) * D;
+        for (int64_t d0 = 0; d0 < D; d0 += 64) {
+          switch (std::min<int64_t>(8, (D - d0) / 8)) {
+            case 8: paged_values<8>(p, g, s.data(), lo, n, inv, d0, o); break;
+            case 7: paged_values<7>(p, g, s.data(), lo, n, inv, d0, o); break;
+            case 6: paged_values<6>(p, g, s.data(), lo, n, inv, d0, o); break;
+            case 5: paged_values<5>(p, g, s.data(), lo, n, inv, d0, o); break;
+            case 4: paged_values<4>(p, g, s.data(), lo, n, inv, d0, o); break;
+            case 3: paged_values<3>(p, g, s.data(), lo, n, inv, d0, o); break;
+            case 2: paged_values<2>(p, g, s.data(), lo, n, inv, d0, o); break;
+            default: paged_values<1>(p, g, s.data(), lo, n, inv, d0, o); break;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(miaotui, m) {
   m.def("varlen_attention(Tensor qkv, Tensor cu_seqlens, int heads, float scale) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor context_lens, "
+        "int block_size, float scale, int window) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(miaotui, CPU, m) { m.impl("varlen_attention", &varlen_attention); }
+TORCH_LIBRARY_IMPL(miaotui, CPU, m) {
+  m.impl("varlen_attention", &varlen_attention);
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}
