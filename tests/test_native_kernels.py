@@ -191,7 +191,7 @@ def test_prepared_dense_models_use_native_gemv(hf_folder, native_preferred, monk
 
     monkeypatch.setenv("MIAOTUI_NATIVE_DENSE", "1")  # the default, whatever the caller's environment
     from miaotui.engine.prepare import GemvUpcastLinear, prepare_for_inference
-    from miaotui.kernels.linear import GemvLinear
+    from miaotui.kernels.linear import GEMV_ROWS, GemvLinear
     from miaotui.loading import build_model
     from miaotui.loading.hf import load_hf_weights, read_hf_config
 
@@ -207,7 +207,12 @@ def test_prepared_dense_models_use_native_gemv(hf_folder, native_preferred, monk
         ref = F.linear(x.double(), head.weight.double())
         tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: the output is rounded to bf16
         torch.testing.assert_close(head(x).double(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
-        many = torch.randn(9, head.in_features).to(dtype)  # more rows than GEMV_ROWS: the class's old path
+        # up to the measured crossover the native kernel, beyond it the class's old path
+        assert GEMV_ROWS <= head.gemv_rows <= 64
+        some = torch.randn(head.gemv_rows, head.in_features).to(dtype)
+        ref = F.linear(some.double(), head.weight.double())
+        torch.testing.assert_close(head(some).double(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+        many = torch.randn(head.gemv_rows + 1, head.in_features).to(dtype)
         assert torch.equal(head(many), cls.__mro__[2].forward(head, many))
 
 
