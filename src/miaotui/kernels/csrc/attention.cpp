@@ -25,6 +25,8 @@
 #include <cstring>
 #include <vector>
 
+#include "gemv_kernels.h"  // hsum256
+
 namespace {
 
 // e^x for x <= 0 (scores minus their maximum): 2^n * p(r), |r| <= ln2 / 2, degree-6 Taylor
@@ -111,9 +113,7 @@ inline float softmax_row(float* s, int64_t T, int64_t Tp) {
     _mm256_storeu_ps(s + j, e);
     sum = _mm256_add_ps(sum, e);
   }
-  __m128 t = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-  return 1.0f / _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+  return 1.0f / miaotui_kernels::hsum256(sum);
 }
 
 // out rows r0, r1 (dims d0 .. d0 + 8 NV) = sum_j p[r][j] v_j, times inv[r]; r1 may repeat r0; v: [T, D]
@@ -255,9 +255,7 @@ void paged_scores(const Paged& p, int64_t g, const float* q, int64_t lo, int64_t
     const float* k = p.row(p.k, lo + j, g);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t c = 0; c < D; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), acc);
-    __m128 t = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-    s[j] = scale * _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+    s[j] = scale * miaotui_kernels::hsum256(acc);
   }
 }
 

@@ -235,8 +235,9 @@ constexpr int64_t kBlock = 32;  // int4 columns per 16-byte block: group sizes m
 // ------------------------------------------------------------------ int4 × int16 activations (vpmaddwd)
 //
 // An int4 kernel in fp32 spends an AND, a convert and an FMA on every 8 codes (measured 1.2-1.35x slower
-// end to end on the AVX2 VM). Here the activations are rounded to int16 per block of 32 columns (a power-of-two scale, see block_scale: a relative error
-// below 2^-15 of the block's largest value, ~250x finer than bf16), and 16 codes meet 16 activations in
+// end to end on the AVX2 VM). Here the activations are rounded to int16 per block of 32 columns (a
+// power-of-two scale, see block_scale: a relative error below 2^-15 of the block's largest value, ~250x
+// finer than bf16), and 16 codes meet 16 activations in
 // one vpmaddwd: per 32 codes of a row, one widening load, an AND, a shift, two multiply-adds, an add, a
 // convert and an FMA. Groups of 32 (llama.cpp's Q4 layout) fold the group scale into the block's factor,
 // 8 blocks at a time; larger groups sum their blocks first and apply the group scale once. Scales and zero
