@@ -191,7 +191,7 @@ def test_prepared_dense_models_use_native_gemv(hf_folder, native_preferred, monk
 
     monkeypatch.setenv("MIAOTUI_NATIVE_DENSE", "1")  # the default, whatever the caller's environment
     from miaotui.engine.prepare import GemvUpcastLinear, prepare_for_inference
-    from miaotui.kernels.linear import GEMV_ROWS, GemvLinear
+    from miaotui.kernels.linear import GEMV_ROWS, ROW_BUCKETS, GemvLinear
     from miaotui.loading import build_model
     from miaotui.loading.hf import load_hf_weights, read_hf_config
 
@@ -207,12 +207,14 @@ def test_prepared_dense_models_use_native_gemv(hf_folder, native_preferred, monk
         ref = F.linear(x.double(), head.weight.double())
         tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: the output is rounded to bf16
         torch.testing.assert_close(head(x).double(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
-        # up to the measured crossover the native kernel, beyond it the class's old path
-        assert GEMV_ROWS <= head.gemv_rows <= 64
-        some = torch.randn(head.gemv_rows, head.in_features).to(dtype)
-        ref = F.linear(some.double(), head.weight.double())
-        torch.testing.assert_close(head(some).double(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
-        many = torch.randn(head.gemv_rows + 1, head.in_features).to(dtype)
+        # up to the measured crossovers the native GEMV, then the native GEMM, beyond them the class's old path
+        assert GEMV_ROWS <= head.gemv_rows <= 64 and head.gemm_rows in (0, *ROW_BUCKETS)
+        top = max(head.gemv_rows, head.gemm_rows)
+        for rows in sorted({head.gemv_rows, top}):
+            some = torch.randn(rows, head.in_features).to(dtype)
+            ref = F.linear(some.double(), head.weight.double())
+            torch.testing.assert_close(head(some).double(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+        many = torch.randn(top + 1, head.in_features).to(dtype)
         assert torch.equal(head(many), cls.__mro__[2].forward(head, many))
 
 
@@ -271,9 +273,13 @@ def test_self_check_passes_here_and_catches_a_wrong_kernel(monkeypatch):
         gemv_int8 = staticmethod(lambda x, q, s, b: real.gemv_int8(x, q, s, b) * 1.01)
         gemv_int4 = staticmethod(real.gemv_int4)
         gemv_dense = staticmethod(real.gemv_dense)
+        gemm_dense = staticmethod(real.gemm_dense)
 
     class FakeTorchOps:
         miaotui = Ops
 
     monkeypatch.setattr(build.torch, "ops", FakeTorchOps)
     assert build._self_check() == "int8"
+    Ops.gemv_int8 = staticmethod(real.gemv_int8)
+    Ops.gemm_dense = staticmethod(lambda x, w, b: real.gemm_dense(x, w, b) * 1.01)
+    assert build._self_check() == "gemm-fp32"

@@ -7,8 +7,8 @@
 - Few-row products (decode) of bf16/fp32 linears run miaotui's native GEMV where it builds and measured
   faster on one row (``miaotui.kernels``: both threads stream the weights; PyTorch's one-row GEMV uses one).
   Compiled fp32 decode 35.9 vs ~23.4 tok/s on the 2-core AVX2 VM (docs/BENCHMARKS.md). Batched decode
-  steps take it too, up to the row count measured faster per shape (32-64 rows there: +26 % at 32
-  concurrent requests).
+  steps (8-128 rows) take the GEMV or the native GEMM, whichever measured fastest per shape and row count
+  (``kernels/linear.py``).
   ``MIAOTUI_NATIVE_DENSE=0`` keeps PyTorch's kernels for dense linears.
 """
 

@@ -16,7 +16,7 @@ import torch
 from miaotui.kernels.build import ENV, load as available, loaded_isa
 
 __all__ = ["ENV", "INT4_GROUP_MULTIPLE", "INT8_GROUP_MULTIPLE", "available", "loaded_isa", "int8_gemv", "int4_gemv",
-           "dense_gemv", "varlen_attention", "paged_decode_attention"]
+           "dense_gemv", "dense_gemm", "varlen_attention", "paged_decode_attention"]
 
 INT4_GROUP_MULTIPLE = 32  # int4 groups must be whole 16-byte blocks of 32 codes (see csrc/gemv.cpp)
 INT8_GROUP_MULTIPLE = 16  # grouped int8 scales: groups of whole vectors (16 lanes with AVX-512)
@@ -49,6 +49,13 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero:
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x · weightᵀ + bias for a bf16 or fp32 weight [out, in], accumulated in fp32."""
     y = torch.ops.miaotui.gemv_dense(_rows(x), weight, _bias(bias))
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def dense_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x · weightᵀ + bias for many rows (a register-blocked GEMM, ``csrc/gemm.cpp``); weight bf16 or fp32
+    [out, in], accumulated in fp32. Same result as ``dense_gemv`` up to summation order."""
+    y = torch.ops.miaotui.gemm_dense(_rows(x), weight, _bias(bias))
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 

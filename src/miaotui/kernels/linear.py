@@ -1,12 +1,13 @@
-"""Dense (bf16/fp32) linears whose few-row products run the native GEMV; more rows keep their old forward.
+"""Dense (bf16/fp32) linears whose few- and many-row products run native kernels where measured faster.
 
 ``nn.Linear`` on a CPU multiplies one row by MKL's GEMV (fp32, about half the memory bandwidth on the
 machines measured) or by an emulated bf16 kernel where the CPU has no bf16 dot products. A decode step is
 one row per sequence and bound by reading the weights, so those rows go to ``miaotui.kernels.dense_gemv``
-(fp32 accumulation, the same result up to summation order); prefill and large batches are compute-bound
-and keep the forward of the class that was replaced. Where that crossover lies is measured per shape: on
-the 2-core AVX2 VM the native kernel beat MKL's GEMM up to 32 rows (a batched decode step of continuous
-batching: SmolLM2's output projection 7.3 vs 19.4 ms at 8 rows, 20.0 vs 26.4 at 32; even at 48, behind at 64).
+(fp32 accumulation, the same result up to summation order). More rows are compute-bound: there the
+native register-blocked GEMM (``dense_gemm``) competes with the forward of the class that was replaced
+(MKL). Which kernel wins at which row count is measured per shape when a model is prepared. On the 2-core
+AVX2 VM: the GEMV up to 8-16 rows, the GEMM from there to 64-128 rows (continuous batching's decode steps:
+SmolLM2's output projection at 32 rows 110 vs 52 GFLOP/s for MKL), MKL beyond (prefill, encoder batches).
 """
 
 from __future__ import annotations
@@ -17,19 +18,30 @@ from torch import nn
 from miaotui import kernels
 
 GEMV_ROWS = 4  # rows the native kernel always takes (4 per pass over the weights); more where measured faster
+# row counts timed per shape when a model is prepared; beyond 128 rows MKL's GEMM is as fast or faster here
+# (prefill, encoder batches: 110-150 GFLOP/s on 2 cores, within the timing noise of the native one)
+ROW_BUCKETS = (8, 16, 32, 64, 128)
+GEMV_MAX_ROWS = 64  # the GEMV re-reads its weight tile every 4 rows: not a candidate beyond this
+MAX_TIMED_FLOP = 4e9  # row counts whose product exceeds this are not timed (~30 ms a call): no native GEMM there
 
 
 class GemvMixin:
-    """Put before an ``nn.Linear`` class: inputs of at most ``gemv_rows`` rows take the native kernel."""
+    """Put before an ``nn.Linear`` class: inputs of at most ``gemv_rows`` rows take the native GEMV, then up
+    to ``gemm_rows`` the native GEMM; more keep the class's own forward."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    gemv_rows: int = GEMV_ROWS  # use_native_gemv sets the measured crossover per module
+    gemv_rows: int = GEMV_ROWS  # use_native_gemv sets the measured crossovers per module
+    gemm_rows: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # no autograd through the native op: anything that needs gradients keeps the PyTorch path
-        if x.numel() // x.shape[-1] <= self.gemv_rows and not (x.requires_grad or self.weight.requires_grad):
-            return kernels.dense_gemv(x, self.weight, self.bias)
+        # no autograd through the native ops: anything that needs gradients keeps the PyTorch path
+        if not (x.requires_grad or self.weight.requires_grad):
+            rows = x.numel() // x.shape[-1]
+            if rows <= self.gemv_rows:
+                return kernels.dense_gemv(x, self.weight, self.bias)
+            if rows <= self.gemm_rows:
+                return kernels.dense_gemm(x, self.weight, self.bias)
         return super().forward(x)  # type: ignore[misc]
 
 
@@ -40,11 +52,12 @@ class GemvLinear(GemvMixin, nn.Linear):
 def use_native_gemv(model: nn.Module, classes: dict[type, type] | None = None, measure: bool = True) -> int:
     """Swap, in place, every CPU linear whose exact type is a key of ``classes`` (default: ``nn.Linear``
     → ``GemvLinear``) and whose weight is contiguous fp32/bf16, for its value; the parameters (and ties)
-    are kept, nothing is copied. With ``measure``, only shapes where the native kernel beats the module's
+    are kept, nothing is copied. With ``measure``, only shapes where the native GEMV beats the module's
     own forward on one row are swapped (timed once per dtype and shape: MKL's fp32 GEMV or a native bf16
-    one can match it on some CPUs), and each then takes as many rows natively as measured faster there
-    (``gemv_rows``: 4, or 8 to 64 rows). Returns the count; 0 when the native kernels are unavailable."""
-    from miaotui.compress.quant.kernels import native_faster, packed_rows_limit
+    one can match it on some CPUs), and each then takes the GEMV and the GEMM up to the row counts where
+    they measured fastest (``gemv_rows`` and ``gemm_rows``, see ``row_kernels``). Returns the count; 0 when
+    the native kernels are unavailable."""
+    from miaotui.compress.quant.kernels import native_faster
 
     classes = classes or {nn.Linear: GemvLinear}
     candidates = [m for m in model.modules() if type(m) in classes and m.weight.device.type == "cpu"
@@ -62,9 +75,32 @@ def use_native_gemv(model: nn.Module, classes: dict[type, type] | None = None, m
         own_forward = module.forward  # bound before the class changes: the forward many rows keep
         module.__class__ = classes[type(module)]
         if measure:
-            module.gemv_rows = packed_rows_limit(
-                ("dense-rows", type(module).__name__, w.dtype, *w.shape),
-                lambda x, m=module: kernels.dense_gemv(x.to(w.dtype), m.weight, m.bias),
-                lambda x, f=own_forward: f(x.to(w.dtype)), w.shape[1], assume=GEMV_ROWS)
+            module.gemv_rows, module.gemm_rows = row_kernels(module, own_forward)
         n += 1
     return n
+
+
+def row_kernels(module: nn.Module, own_forward) -> tuple[int, int]:
+    """(gemv_rows, gemm_rows) for a dense linear: the fastest of the native GEMV, the native GEMM and
+    ``own_forward`` at each of ``ROW_BUCKETS`` (timed once per dtype and shape); the GEMV keeps the row
+    counts from ``GEMV_ROWS`` up for as long as it wins, then the GEMM up to the last count it won."""
+    from miaotui.compress.quant.kernels import fastest_by_rows
+
+    w = module.weight
+    out_f, in_f = w.shape
+    rows = tuple(r for r in ROW_BUCKETS if 2 * r * in_f * out_f <= MAX_TIMED_FLOP)
+    b = module.bias
+    plan = fastest_by_rows(
+        ("dense-rows", type(module).__name__, w.dtype, *w.shape),
+        {"gemv": lambda x: kernels.dense_gemv(x.to(w.dtype), w, b),
+         "gemm": lambda x: kernels.dense_gemm(x.to(w.dtype), w, b),
+         "own": lambda x: own_forward(x.to(w.dtype))}, in_f, rows, max_rows={"gemv": GEMV_MAX_ROWS})
+    gemv_rows = GEMV_ROWS
+    for n in sorted(plan):
+        if plan[n] != "gemv":
+            break
+        gemv_rows = n
+    # the GEMM up to the last row count it won: a narrow loss in between is noise (MKL's GEMM at 16-64 rows
+    # runs at a third to a half of the native one on the VM measured), a gap would send it to the slow side
+    gemm_rows = max((n for n in plan if plan[n] == "gemm" and n > gemv_rows), default=0)
+    return gemv_rows, gemm_rows

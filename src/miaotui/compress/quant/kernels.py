@@ -17,6 +17,7 @@ import torch
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _crossover: dict[tuple, int] = {}
+_plans: dict[tuple, dict[int, str]] = {}
 
 
 def _time(fn: Callable[[], object], reps: int = 5) -> float:
@@ -62,6 +63,29 @@ def faster_at(key: tuple, candidate: Callable[[torch.Tensor], object], reference
             except RuntimeError:
                 _crossover[key] = 0
     return bool(_crossover[key])
+
+
+def fastest_by_rows(key: tuple, candidates: dict[str, Callable[[torch.Tensor], object]], in_features: int,
+                    rows: tuple[int, ...], max_rows: dict[str, int] | None = None) -> dict[int, str]:
+    """The fastest of ``candidates`` (name → fn) at each row count; a candidate that fails, or is past its
+    ``max_rows``, is not timed there. Cached by ``key``."""
+    if key not in _plans:
+        plan = {}
+        with torch.inference_mode():
+            for n in rows:
+                x = torch.randn(n, in_features)
+                times = {}
+                for name, fn in candidates.items():
+                    if n > (max_rows or {}).get(name, n):
+                        continue
+                    try:
+                        times[name] = _time(lambda: fn(x))
+                    except RuntimeError:  # the kernel refuses this shape/dtype on this build
+                        pass
+                if times:
+                    plan[n] = min(times, key=times.__getitem__)
+        _plans[key] = plan
+    return _plans[key]
 
 
 NATIVE_ASSUMED_ROWS = 4  # the native kernels take 4 activation rows per pass over the weights
