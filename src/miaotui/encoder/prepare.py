@@ -10,14 +10,21 @@
   CPU, head_dim a multiple of 8, fp32 compute (bf16 on a CPU with bf16 instructions keeps SDPA). On
   all-MiniLM-L6-v2's shapes (32 sequences of 100-256 tokens) it takes 24-27 ms a layer against SDPA's 51-56
   ms with the gathers around it.
+- dense linears of few rows (a single short input: one row per token) by the native GEMV or GEMM where
+  they measured faster than MKL per shape (``kernels/linear.py``); batches of many texts keep MKL.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+from torch import nn
 
 from miaotui import kernels
 from miaotui.cpu import has_native_bf16
+from miaotui.engine.prepare import GemvUpcastLinear, UpcastLinear, upcast_many_row_matmuls
+from miaotui.kernels.linear import GemvLinear, use_native_gemv
 from miaotui.models.bert import BertEncoder
 
 
@@ -28,11 +35,12 @@ def prepare_encoder(model: BertEncoder) -> BertEncoder:
     prepare_quantized(model)  # a compressed checkpoint: each quantized linear picks its kernel by measurement
     weight = model.embeddings.word_embeddings.weight
     fp32_compute = weight.dtype == torch.float32
-    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and has_native_bf16() is False:
-        from miaotui.engine.prepare import upcast_many_row_matmuls
-
+    upcast = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and has_native_bf16() is False
+    if upcast:
         upcast_many_row_matmuls(model)
         fp32_compute = True
+    if weight.device.type == "cpu" and os.environ.get("MIAOTUI_NATIVE_DENSE", "1") != "0":
+        use_native_gemv(model, {nn.Linear: GemvLinear, UpcastLinear: GemvUpcastLinear})
     if weight.device.type == "cpu" and fp32_compute and model.args.head_dim % 8 == 0 and kernels.available():
         for layer in model.layers:
             layer.attention.native = True
