@@ -341,3 +341,22 @@ def test_drop_layers_equals_transformers_without_them(folder):
     finally:
         ref.encoder.layer = full
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_prepared_encoder_takes_native_kernels_for_few_rows(folder, native_preferred):
+    """A single short text is a few rows per linear: they go to the native GEMV/GEMM (as measured when the
+    encoder is prepared), with the embeddings of PyTorch's own linears."""
+    from miaotui import kernels
+    from miaotui.kernels.linear import GemvLinear
+
+    if not kernels.available():
+        pytest.skip("native kernels do not build on this machine")
+    path, _ = folder("bert")
+    enc = Encoder(path)
+    linears = [m for m in enc.model.modules() if isinstance(m, GemvLinear)]
+    assert linears and all(m.gemv_rows >= 4 for m in linears)
+    texts = ["a short sentence", "another one, a little longer than the first sentence was"]
+    native = torch.as_tensor(enc.encode(texts))
+    for m in linears:
+        m.gemv_rows = m.gemm_rows = 0  # every row count to nn.Linear's forward
+    torch.testing.assert_close(native, torch.as_tensor(enc.encode(texts)), atol=1e-5, rtol=1e-5)

@@ -35,8 +35,7 @@ def prepare_encoder(model: BertEncoder) -> BertEncoder:
     prepare_quantized(model)  # a compressed checkpoint: each quantized linear picks its kernel by measurement
     weight = model.embeddings.word_embeddings.weight
     fp32_compute = weight.dtype == torch.float32
-    upcast = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and has_native_bf16() is False
-    if upcast:
+    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and has_native_bf16() is False:
         upcast_many_row_matmuls(model)
         fp32_compute = True
     if weight.device.type == "cpu" and os.environ.get("MIAOTUI_NATIVE_DENSE", "1") != "0":
