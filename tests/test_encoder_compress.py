@@ -42,13 +42,20 @@ def compress(path, recipe, out, calib=None) -> tuple[LoadedEncoder, np.ndarray]:
     return loaded, before
 
 
+def kernels_available() -> bool:
+    from miaotui import kernels
+
+    return kernels.available()
+
+
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
     return (a * b).sum(1)
 
 
 @pytest.mark.parametrize("recipe,kind", [("int8", "int8"), ("w8a8-smoothquant", "w8a8"), ("int4-rtn", "int4")])
-def test_checkpoint_round_trip(st_folder, tmp_path, recipe, kind):
+def test_checkpoint_round_trip(st_folder, tmp_path, recipe, kind, native_preferred):
+    # native_preferred: the encoder's linears are swapped for native few-row kernels, as on AVX2 machines
     fp32 = Encoder(st_folder).encode(MORE_TEXTS)
     out = tmp_path / "ckpt"
     _, before = compress(st_folder, recipe, out)
@@ -77,10 +84,13 @@ def test_round_trip_keeps_mlm_logits(folder, tmp_path):
     assert reloaded.fill_mask("the cat [MASK] on the mat")[0][0]["token"] == enc.fill_mask("the cat [MASK] on the mat")[0][0]["token"]
 
 
-def test_smoothing_keeps_the_float_function(st_folder):
+def test_smoothing_keeps_the_float_function(st_folder, native_preferred):
     from miaotui.encoder.quantize import smooth_attention_out
+    from miaotui.kernels.linear import GemvMixin
 
     enc = Encoder(st_folder)
+    if kernels_available():
+        assert isinstance(enc.model.layers[0].attention.qkv, GemvMixin)  # the prepared encoder's linears
     before = enc.encode(MORE_TEXTS)
     v_rows = enc.model.layers[0].attention.qkv.weight[64:].clone()
     assert smooth_attention_out(enc, MORE_TEXTS, alpha=0.5) == 2
@@ -157,14 +167,17 @@ def test_encoder_recipe_errors_name_the_parameter(st_folder, tmp_path):
         run_recipe(ctx, {"steps": [{"quantize": {"method": "rtn", "bits": 8, "group_size": 16}}]})
 
 
-def test_cli_compress_eval_then_embed_and_eval(st_folder, tmp_path, capsys):
+def test_cli_compress_eval_then_embed_and_eval(st_folder, tmp_path, capsys, native_preferred):
+    # --eval prepares the model (native few-row kernels swapped in, forced here) before it is compressed
     data = tmp_path / "data.txt"
     data.write_text("\n".join(MORE_TEXTS * 2) + "\n")
     out = tmp_path / "ckpt"
     assert main(["compress", "--model", str(st_folder), "--recipe", "w8a8-smoothquant", "--output", str(out),
                  "--eval", "--data", str(data), "--calib", str(data), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    quality = json.loads((out / "manifest.json").read_text())["quality"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["modules"]) == 2 * 4 and {m["kind"] for m in manifest["modules"].values()} == {"w8a8"}
+    quality = manifest["quality"]
     assert result["quality"] == quality and quality["texts"] == 10  # the lines of four words or more
     assert 0.99 <= quality["mean_cosine"] < 1 and quality["min_cosine"] <= quality["mean_cosine"]
     assert -1 <= quality["similarity_spearman"] <= 1

@@ -41,7 +41,8 @@ def encoder_linears(model: BertEncoder) -> dict[str, nn.Linear]:
                 m = layer.get_submodule(name)
             except AttributeError:
                 continue
-            if type(m) is nn.Linear and m.out_features > 0:
+            # any float linear: plain, or swapped by prepare_encoder for native few-row kernels / bf16 upcast
+            if isinstance(m, nn.Linear) and m.out_features > 0:
                 out[f"layers.{i}.{name}"] = m
     return out
 
@@ -90,7 +91,7 @@ def smooth_attention_out(encoder, texts: list[str], alpha: float = 0.5) -> int:
         return fn
 
     layers = [(i, layer.attention) for i, layer in enumerate(model.layers)
-              if type(layer.attention.qkv) is nn.Linear and type(layer.attention.out) is nn.Linear
+              if isinstance(layer.attention.qkv, nn.Linear) and isinstance(layer.attention.out, nn.Linear)
               and layer.attention.out.in_features > 0]
     handles = [attn.out.register_forward_pre_hook(hook(i)) for i, attn in layers]
     try:
