@@ -87,7 +87,6 @@ def test_linear_routes_rows_to_gemv_gemm_and_its_own_forward(monkeypatch):
     from miaotui.kernels import linear
 
     lin = torch.nn.Linear(40, 24).requires_grad_(False)  # inference weights; autograd: see below
-    own = lin.forward
     lin.__class__ = linear.GemvLinear
     lin.gemv_rows, lin.gemm_rows = 4, 16
     calls = []
@@ -100,8 +99,7 @@ def test_linear_routes_rows_to_gemv_gemm_and_its_own_forward(monkeypatch):
     assert calls == ["dense_gemv", "dense_gemv", "dense_gemm", "dense_gemm"]  # 17 rows: nn.Linear's forward
     x = torch.randn(5, 40, requires_grad=True)
     lin(x).sum().backward()  # autograd keeps PyTorch's path
-    assert x.grad is not None and calls[-1] == "dense_gemm" and len(calls) == 4
-    assert own(torch.ones(1, 40)).shape == (1, 24)
+    assert x.grad is not None and len(calls) == 4
 
 
 def test_measured_choice_on_a_real_shape_is_consistent():
