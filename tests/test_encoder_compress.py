@@ -55,7 +55,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("recipe,kind", [("int8", "int8"), ("w8a8-smoothquant", "w8a8"), ("int4-rtn", "int4")])
 def test_checkpoint_round_trip(st_folder, tmp_path, recipe, kind, native_preferred):
-    # native_preferred: the encoder's linears are swapped for native few-row kernels, as on AVX2 machines
+    # native_preferred: every Encoder built here swaps its linears for native few-row kernels (as on AVX2 machines)
     fp32 = Encoder(st_folder).encode(MORE_TEXTS)
     out = tmp_path / "ckpt"
     _, before = compress(st_folder, recipe, out)
