@@ -16,15 +16,11 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
-from torch import nn
 
 from miaotui import kernels
 from miaotui.cpu import has_native_bf16
-from miaotui.engine.prepare import GemvUpcastLinear, UpcastLinear, upcast_many_row_matmuls
-from miaotui.kernels.linear import GemvLinear, use_native_gemv
+from miaotui.engine.prepare import upcast_many_row_matmuls, use_native_dense
 from miaotui.models.bert import BertEncoder
 
 
@@ -38,8 +34,7 @@ def prepare_encoder(model: BertEncoder) -> BertEncoder:
     if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and has_native_bf16() is False:
         upcast_many_row_matmuls(model)
         fp32_compute = True
-    if weight.device.type == "cpu" and os.environ.get("MIAOTUI_NATIVE_DENSE", "1") != "0":
-        use_native_gemv(model, {nn.Linear: GemvLinear, UpcastLinear: GemvUpcastLinear})
+    use_native_dense(model)  # CPU linears only; MIAOTUI_NATIVE_DENSE=0 keeps PyTorch's
     if weight.device.type == "cpu" and fp32_compute and model.args.head_dim % 8 == 0 and kernels.available():
         for layer in model.layers:
             layer.attention.native = True

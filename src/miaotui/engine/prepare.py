@@ -51,6 +51,14 @@ def upcast_many_row_matmuls(model: nn.Module) -> int:
     return n
 
 
+def use_native_dense(model: nn.Module) -> int:
+    """Swap the dense (fp32/bf16, upcast or not) linears of a prepared model for their native-kernel classes
+    (``kernels/linear.py``) unless ``MIAOTUI_NATIVE_DENSE=0``; returns the count. Decoders and encoders alike."""
+    if os.environ.get("MIAOTUI_NATIVE_DENSE", "1") == "0":
+        return 0
+    return use_native_gemv(model, {nn.Linear: GemvLinear, UpcastLinear: GemvUpcastLinear})
+
+
 def prepare_for_inference(model: CausalLM) -> CausalLM:
     from miaotui.compress.quant.qlinear import prepare_quantized
 
@@ -60,6 +68,5 @@ def prepare_for_inference(model: CausalLM) -> CausalLM:
     if model.device.type == "cpu" and isinstance(head, nn.Linear) and head.weight.dtype == torch.bfloat16 \
             and has_native_bf16() is False:
         upcast_many_row_matmuls(model)
-    if os.environ.get("MIAOTUI_NATIVE_DENSE", "1") != "0":  # see the docstring
-        use_native_gemv(model, {nn.Linear: GemvLinear, UpcastLinear: GemvUpcastLinear})
+    use_native_dense(model)
     return model

@@ -141,22 +141,20 @@ def _self_check() -> str | None:
     w4 = (q4.double().view(out_f, -1, group) - z4.double()[..., None]) * s4.double()[..., None]
     s8g = torch.rand(out_f, in_f // group, generator=g) + 0.5
     dense = torch.randn(out_f, in_f, generator=g)
-    cases = {
-        "int8": (torch.ops.miaotui.gemv_int8(x, q8, s8, bias), q8.double() * s8.double()[:, None]),
-        "int8-grouped": (torch.ops.miaotui.gemv_int8(x, q8, s8g, bias),
-                         (q8.double().view(out_f, -1, group) * s8g.double()[..., None]).reshape(out_f, in_f)),
-        "int4": (torch.ops.miaotui.gemv_int4(x, pack_int4(q4), s4, z4, group, bias), w4.reshape(out_f, in_f)),
-        "fp32": (torch.ops.miaotui.gemv_dense(x, dense, bias), dense.double()),
-        "bf16": (torch.ops.miaotui.gemv_dense(x, dense.bfloat16(), bias), dense.bfloat16().double()),
-    }
     # the GEMM on 13 rows (two 6-row tiles and a tail), 37 features (a 16-wide tail) and 320 inputs (two blocks)
     xg = torch.randn(13, in_f, generator=g)
-    for name, w in (("gemm-fp32", dense), ("gemm-bf16", dense.bfloat16())):
-        got, want = torch.ops.miaotui.gemm_dense(xg, w, bias).double(), xg.double() @ w.double().t() + bias.double()
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
-            return name
-    for name, (got, w) in cases.items():
-        want = x.double() @ w.t() + bias.double()
+    cases = {  # name: (the op's output, its input rows, the fp64 weight it should have multiplied by)
+        "int8": (torch.ops.miaotui.gemv_int8(x, q8, s8, bias), x, q8.double() * s8.double()[:, None]),
+        "int8-grouped": (torch.ops.miaotui.gemv_int8(x, q8, s8g, bias), x,
+                         (q8.double().view(out_f, -1, group) * s8g.double()[..., None]).reshape(out_f, in_f)),
+        "int4": (torch.ops.miaotui.gemv_int4(x, pack_int4(q4), s4, z4, group, bias), x, w4.reshape(out_f, in_f)),
+        "fp32": (torch.ops.miaotui.gemv_dense(x, dense, bias), x, dense.double()),
+        "bf16": (torch.ops.miaotui.gemv_dense(x, dense.bfloat16(), bias), x, dense.bfloat16().double()),
+        "gemm-fp32": (torch.ops.miaotui.gemm_dense(xg, dense, bias), xg, dense.double()),
+        "gemm-bf16": (torch.ops.miaotui.gemm_dense(xg, dense.bfloat16(), bias), xg, dense.bfloat16().double()),
+    }
+    for name, (got, rows, w) in cases.items():
+        want = rows.double() @ w.t() + bias.double()
         if not torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
             return name
     return _attention_self_check(g)
