@@ -24,15 +24,27 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mal
 KEEP_BYTES = 1 << 30  # blocks up to 1 GiB come from (and return to) the heap; the heap shrinks past 1 GiB free
 
 
-def setup() -> bool:
-    """Apply both settings; True when glibc accepted the thresholds."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    if os.environ.get(KEEP_ENV, "1").strip().lower() in ("0", "false", "no", "off") or not sys.platform.startswith(
-            "linux"):
-        return False
+def _glibc():
+    """glibc, when it is the allocator this process uses; None otherwise (musl, or a malloc such as jemalloc
+    preloaded in front of it, on which glibc's mallopt would change nothing)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other libcs: nothing to tune
+        used = ctypes.CDLL(None)  # the process's own symbol lookup: what `malloc` resolves to
+        libc.mallopt, libc.mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+    return libc if addr(used.malloc) == addr(libc.malloc) else None
+
+
+def setup() -> bool:
+    """Apply both settings; True when glibc is the allocator and accepted the thresholds."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if os.environ.get(KEEP_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES))
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES))
