@@ -23,6 +23,8 @@ GEMV_ROWS = 4  # rows the native kernel always takes (4 per pass over the weight
 ROW_BUCKETS = (8, 16, 32, 64, 128)
 GEMV_MAX_ROWS = 64  # the GEMV re-reads its weight tile every 4 rows: not a candidate beyond this
 MAX_TIMED_FLOP = 4e9  # row counts whose product exceeds this are not timed (~30 ms a call): no native GEMM there
+# the plan where timings cannot be trusted (another process on the cores): what most shapes measured here
+DEFAULT_ROW_PLAN = {8: "gemv", 16: "gemm", 32: "gemm", 64: "gemm", 128: "own"}
 
 
 class GemvMixin:
@@ -94,7 +96,8 @@ def row_kernels(module: nn.Module, own_forward) -> tuple[int, int]:
         ("dense-rows", type(module).__name__, w.dtype, *w.shape),
         {"gemv": lambda x: kernels.dense_gemv(x.to(w.dtype), w, b),
          "gemm": lambda x: kernels.dense_gemm(x.to(w.dtype), w, b),
-         "own": lambda x: own_forward(x.to(w.dtype))}, in_f, rows, max_rows={"gemv": GEMV_MAX_ROWS})
+         "own": lambda x: own_forward(x.to(w.dtype))}, in_f, rows, max_rows={"gemv": GEMV_MAX_ROWS},
+        default=DEFAULT_ROW_PLAN)
     gemv_rows = GEMV_ROWS
     for n in sorted(plan):
         if plan[n] != "gemv":

@@ -6,18 +6,32 @@ they build, else PyTorch's (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_c
 With many rows (prefill, large batches) the matmul is compute-bound and dequantize-then-fp32-matmul wins.
 The crossover row count depends on the CPU and the shape, so it is measured once per shape (a few ms) and
 cached for the process.
+
+Timings are only trusted on cores this process has to itself (``cpu_contended``): while another process
+keeps them busy, a native kernel's threads wait milliseconds for one the OS has descheduled, MKL's
+single-threaded GEMV does not, and the choice, cached for the process, would send every decode step to
+the slower kernel once the machine is quiet again (seen: all but one of SmolLM2's 121 linears). Then the
+defaults below are used, and not cached.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
 import torch
 
+log = logging.getLogger("miaotui.kernels")
+
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _crossover: dict[tuple, int] = {}
 _plans: dict[tuple, dict[int, str]] = {}
+# a one-row native GEMV over 2 MB of fp32 weights takes 10-60 us on idle cores (from cache or memory); at
+# 1 ms it has waited for a descheduled thread (measured here under a 2-thread training job: 3.7-5 ms)
+CONTENDED_S = 1e-3
+PROBE_EVERY_S = 1.0  # one probe serves the ~100 linears of a model being prepared
+_probe: dict[str, float] = {"at": float("-inf"), "seconds": 0.0, "warned": 0.0}
 
 
 def _time(fn: Callable[[], object], reps: int = 5) -> float:
@@ -30,6 +44,29 @@ def _time(fn: Callable[[], object], reps: int = 5) -> float:
     return best
 
 
+def cpu_contended() -> bool:
+    """Whether another process is competing for this process's cores now (see the module's docstring):
+    a one-row native GEMV, timed 10 times, never finished within ``CONTENDED_S``. Re-probed at most once
+    every ``PROBE_EVERY_S``; False with one thread or without the native kernels."""
+    from miaotui import kernels as native
+
+    if torch.get_num_threads() < 2 or not native.available():
+        return False
+    now = time.monotonic()
+    if now - _probe["at"] > PROBE_EVERY_S:
+        w, x = torch.randn(512, 1024), torch.randn(1, 1024)
+        with torch.inference_mode():
+            _probe["seconds"] = _time(lambda: native.dense_gemv(x, w), reps=10)
+        _probe["at"] = now
+    busy = _probe["seconds"] > CONTENDED_S
+    if busy and not _probe["warned"]:
+        log.warning("miaotui: another process is using this machine's cores (a 2 MB native GEMV took %.1f ms at "
+                    "best): kernels are chosen by default rules instead of timings; prepare the model on an idle "
+                    "machine, or with fewer threads, for the measured choice", 1e3 * _probe["seconds"])
+        _probe["warned"] = 1.0
+    return busy
+
+
 def packed_rows_limit(key: tuple, packed: Callable[[torch.Tensor], object],
                       reference: Callable[[torch.Tensor], object], in_features: int, assume: int = 0) -> int:
     """Largest row count (0 = none) up to which ``packed(x)`` beats ``reference(x)``; cached by ``key``.
@@ -37,6 +74,8 @@ def packed_rows_limit(key: tuple, packed: Callable[[torch.Tensor], object],
     ``assume``: a row count known to favour the packed kernel (it reads the weights once, the reference
     dequantizes all of them first), so only larger counts are timed and noise cannot turn decode off."""
     if key not in _crossover:
+        if cpu_contended():
+            return assume
         limit = assume
         with torch.inference_mode():
             for rows in (r for r in ROW_BUCKETS if r > assume):
@@ -66,10 +105,14 @@ def faster_at(key: tuple, candidate: Callable[[torch.Tensor], object], reference
 
 
 def fastest_by_rows(key: tuple, candidates: dict[str, Callable[[torch.Tensor], object]], in_features: int,
-                    rows: tuple[int, ...], max_rows: dict[str, int] | None = None) -> dict[int, str]:
+                    rows: tuple[int, ...], max_rows: dict[str, int] | None = None,
+                    default: dict[int, str] | None = None) -> dict[int, str]:
     """The fastest of ``candidates`` (name → fn) at each row count; a candidate that fails, or is past its
-    ``max_rows``, is not timed there. Cached by ``key``."""
+    ``max_rows``, is not timed there. Cached by ``key``; ``default`` (of ``rows``) while the cores are
+    contended."""
     if key not in _plans:
+        if cpu_contended():
+            return {n: name for n, name in (default or {}).items() if n in rows}
         plan = {}
         with torch.inference_mode():
             for n in rows:
@@ -103,9 +146,11 @@ def native_supported(weight: torch.Tensor) -> bool:
 def native_faster(key: tuple, native_fn: Callable[[torch.Tensor], object],
                   torch_fn: Callable[[torch.Tensor], object], in_features: int) -> bool:
     """Whether the native kernel beats PyTorch's packed one on a one-row input (True if PyTorch's refuses
-    the shape); cached by ``key``. On AVX2-only CPUs the native kernels win by 1.5-2x; PyTorch's are
-    built for AVX-512 and can win there."""
+    the shape, or the cores are contended); cached by ``key``. On AVX2-only CPUs the native kernels win by
+    1.5-2x; PyTorch's are built for AVX-512 and can win there."""
     if key not in _crossover:
+        if cpu_contended():
+            return True
         with torch.inference_mode():
             x = torch.randn(1, in_features)
             try:
