@@ -21,6 +21,7 @@ from torch import nn
 
 from miaotui.compress.quant.qtensor import QuantizedWeight
 from miaotui.errors import MiaotuiError
+from miaotui.models.base import dense_linears
 
 
 @dataclass
@@ -85,7 +86,7 @@ class LayerStack:
             self.arch, self.layers, self.prefix = "llama", model.model.layers, "model.layers"
             for blk in self.layers:  # the scale groups below name the fused projections
                 if blk.self_attn.qkv_proj is None or blk.mlp.gate_up_proj is None:
-                    if not all(type(getattr(m, n, None)) is nn.Linear for m, n in [
+                    if not all(isinstance(getattr(m, n, None), nn.Linear) for m, n in [
                             (blk.self_attn, "q_proj"), (blk.self_attn, "k_proj"), (blk.self_attn, "v_proj"),
                             (blk.mlp, "gate_proj"), (blk.mlp, "up_proj")]):
                         raise MiaotuiError("layer-wise quantization needs float nn.Linear projections")
@@ -112,8 +113,8 @@ class LayerStack:
         return layer(x, 0)
 
     def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
-        """Every plain Linear inside the layer, by name relative to it (the ones the quantizers replace)."""
-        return {n: m for n, m in layer.named_modules() if type(m) is nn.Linear}
+        """Every float linear inside the layer, by name relative to it (the ones the quantizers replace)."""
+        return dense_linears(layer)
 
     def scale_groups(self, layer: nn.Module) -> list[ScaleGroup]:
         """Foldable groups in execution order; a linear in none (GPT-2's mlp.c_proj, after GELU) is not scaled."""

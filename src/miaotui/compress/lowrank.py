@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from miaotui.compress.recipe import Context, RecipeError
+from miaotui.models.base import dense_linears
 
 
 class FactorizedLinear(nn.Module):
@@ -140,7 +141,7 @@ def saves_params(rank: int, in_features: int, out_features: int) -> bool:
 
 def _targets(layer: nn.Module, wanted: list[str] | None) -> dict[str, nn.Linear]:
     """The layer's dense linears (relative names) that ``wanted`` suffixes name (all of them when None)."""
-    linears = {n: m for n, m in layer.named_modules() if type(m) is nn.Linear}
+    linears = dense_linears(layer)
     if wanted is None:
         return linears
     picked = {n: m for n, m in linears.items() if any(n == t or n.endswith("." + t) for t in wanted)}

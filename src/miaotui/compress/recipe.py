@@ -248,7 +248,7 @@ def run_quantize(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
         check_int8_groups(f"quantize/{method}", {n: m.in_features for n, m in layer_linears(model).items()},
                           base, overrides)
     head_linear = getattr(model, "lm_head", None)
-    if head == "int8" and type(head_linear) is torch.nn.Linear:
+    if head == "int8" and isinstance(head_linear, torch.nn.Linear):
         check_int8_groups("quantize (head_group_size)", {"lm_head": head_linear.in_features},
                           {"bits": 8, "group_size": head_group}, None)
     if method == "rtn":
@@ -270,7 +270,7 @@ def run_quantize(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
     if not qweights:
         raise RecipeError("quantize: the model has no dense decoder linears left to quantize")
     spec = swap_linears(model, qweights, w8a8=method == "smoothquant")
-    if head == "int8" and type(model.lm_head) is torch.nn.Linear:
+    if head == "int8" and isinstance(model.lm_head, torch.nn.Linear):
         spec.update(quantize_head(model, head_group))
     ctx.modules.update(spec)
     groups = sorted({s.get("group_size") for s in spec.values() if s.get("group_size")})

@@ -78,6 +78,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def dense_linears(module: nn.Module) -> dict[str, nn.Linear]:
+    """Every float linear under ``module`` by qualified name: ``nn.Linear`` and the subclasses that
+    preparing a model swaps in for faster kernels (``GemvLinear``, ``UpcastLinear``), which compression
+    must treat alike; not quantized or factorised layers (not ``nn.Linear``s)."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
 def fuse_linears(linears: list[nn.Linear]) -> tuple[nn.Linear, list[int]]:
     """One Linear computing ``cat([l(x) for l in linears], -1)``; returns it and the output split sizes."""
     first = linears[0]

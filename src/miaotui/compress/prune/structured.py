@@ -94,7 +94,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def _dense(*linears: nn.Module) -> None:
     for lin in linears:
-        if type(lin) is not nn.Linear:
+        if not isinstance(lin, nn.Linear):
             raise RecipeError(f"structured pruning needs dense nn.Linear projections, found {type(lin).__name__}: "
                               "prune before quantize/lowrank in the recipe")
 

@@ -8,14 +8,14 @@ from torch import nn
 from miaotui.compress.lowrank import FactorizedLinear
 from miaotui.compress.quant.qlinear import Int4Linear, Int8Linear, QuantLinear, W8A8Linear
 from miaotui.compress.quant.qtensor import QuantizedWeight, quantize_rtn
+from miaotui.models.base import dense_linears
 
 KINDS = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}
 
 
 def layer_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The decoder layers' dense linears by qualified name (what quantization and pruning act on)."""
-    return {name: m for name, m in model.named_modules()
-            if type(m) is nn.Linear and ".layers." in f".{name}"}
+    return {name: m for name, m in dense_linears(model).items() if ".layers." in f".{name}"}
 
 
 def kind_for(qw: QuantizedWeight, w8a8: bool = False) -> str:
