@@ -55,3 +55,25 @@ def test_contended_prepare_still_swaps_linears_with_the_default_plan(contended):
     x = torch.randn(20, 64)
     torch.testing.assert_close(model(x), x @ model[0].weight.t() @ model[1].weight.t()
                                + model[0].bias @ model[1].weight.t() + model[1].bias, atol=1e-5, rtol=1e-5)
+
+
+def test_cold_timing_flushes_the_caches_before_every_timed_call(monkeypatch):
+    """A row plan is timed as a decode step meets its weights: from memory, not from the cache the previous
+    call filled (the flush is a write of twice the last-level cache between calls)."""
+    events = []
+    real_fill = torch.Tensor.fill_
+
+    def fill(t, value):
+        if t.numel() * 4 >= choice.flush_bytes():
+            events.append("flush")
+        return real_fill(t, value)
+
+    monkeypatch.setattr(choice, "_plans", {})
+    monkeypatch.setattr(choice, "cpu_contended", lambda: False)
+    monkeypatch.setattr(torch.Tensor, "fill_", fill)
+    plan = choice.fastest_by_rows(("cold-test",), {"a": lambda x: events.append("a")}, 8, (4,), cold=True)
+    assert plan == {4: "a"}
+    assert events == ["a"] + ["flush", "a"] * 5  # a warm-up, then each timed call after a flush
+    events.clear()
+    choice.fastest_by_rows(("hot-test",), {"a": lambda x: events.append("a")}, 8, (4,))
+    assert events == ["a"] * 6

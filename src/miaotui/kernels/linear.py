@@ -5,7 +5,9 @@ machines measured) or by an emulated bf16 kernel where the CPU has no bf16 dot p
 one row per sequence and bound by reading the weights, so those rows go to ``miaotui.kernels.dense_gemv``
 (fp32 accumulation, the same result up to summation order). More rows are compute-bound: there the
 native register-blocked GEMM (``dense_gemm``) competes with the forward of the class that was replaced
-(MKL). Which kernel wins at which row count is measured per shape when a model is prepared. On the 2-core
+(MKL). Which kernel wins at which row count is measured per shape when a model is prepared, from cold caches
+(a decode step streams each layer's weights from memory; timed hot, the GEMV, which re-reads its weight
+tile for every 4 rows, won 9-16 rows it loses in a real step: docs/BENCHMARKS.md, session 8). On the 2-core
 AVX2 VM: the GEMV up to 8-16 rows, the GEMM from there to 64-128 rows (continuous batching's decode steps:
 SmolLM2's output projection at 32 rows 110 vs 52 GFLOP/s for MKL), MKL beyond (prefill, encoder batches).
 """
@@ -97,7 +99,7 @@ def row_kernels(module: nn.Module, own_forward) -> tuple[int, int]:
         {"gemv": lambda x: kernels.dense_gemv(x.to(w.dtype), w, b),
          "gemm": lambda x: kernels.dense_gemm(x.to(w.dtype), w, b),
          "own": lambda x: own_forward(x.to(w.dtype))}, in_f, rows, max_rows={"gemv": GEMV_MAX_ROWS},
-        default=DEFAULT_ROW_PLAN)
+        default=DEFAULT_ROW_PLAN, cold=True)
     gemv_rows = GEMV_ROWS
     for n in sorted(plan):
         if plan[n] != "gemv":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,14 +35,30 @@ PROBE_EVERY_S = 1.0  # one probe serves the ~100 linears of a model being prepar
 _probe: dict[str, float] = {"at": float("-inf"), "seconds": 0.0, "warned": 0.0}
 
 
-def _time(fn: Callable[[], object], reps: int = 5) -> float:
+def _time(fn: Callable[[], object], reps: int = 5, cold: bool = False) -> float:
+    """Best of ``reps`` calls after one warm-up; ``cold``: each call after the caches are flushed."""
     fn()
+    flush = torch.empty(flush_bytes() // 4) if cold else None
     best = float("inf")
     for _ in range(reps):
+        if flush is not None:
+            flush.fill_(0.0)  # writes twice the last-level cache: fn's weights come from memory again
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def flush_bytes() -> int:
+    """Twice this CPU's last-level cache (sysfs), at least 64 MB: writing that much evicts everything else."""
+    size = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            size = max(size, int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+        except (OSError, ValueError):
+            continue
+    return max(2 * size, 64 << 20)
 
 
 def cpu_contended() -> bool:
@@ -106,10 +123,11 @@ def faster_at(key: tuple, candidate: Callable[[torch.Tensor], object], reference
 
 def fastest_by_rows(key: tuple, candidates: dict[str, Callable[[torch.Tensor], object]], in_features: int,
                     rows: tuple[int, ...], max_rows: dict[str, int] | None = None,
-                    default: dict[int, str] | None = None) -> dict[int, str]:
+                    default: dict[int, str] | None = None, cold: bool = False) -> dict[int, str]:
     """The fastest of ``candidates`` (name → fn) at each row count; a candidate that fails, or is past its
     ``max_rows``, is not timed there. Cached by ``key``; ``default`` (of ``rows``) while the cores are
-    contended."""
+    contended. ``cold``: timed with the caches flushed before each call, as a decode step meets each
+    layer's weights (the model's weights do not fit in cache)."""
     if key not in _plans:
         if cpu_contended():
             return {n: name for n, name in (default or {}).items() if n in rows}
@@ -122,7 +140,7 @@ def fastest_by_rows(key: tuple, candidates: dict[str, Callable[[torch.Tensor], o
                     if n > (max_rows or {}).get(name, n):
                         continue
                     try:
-                        times[name] = _time(lambda: fn(x))
+                        times[name] = _time(lambda: fn(x), cold=cold)
                     except RuntimeError:  # the kernel refuses this shape/dtype on this build
                         pass
                 if times:
