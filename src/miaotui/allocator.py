@@ -32,7 +32,7 @@ def _glibc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         used = ctypes.CDLL(None)  # the process's own symbol lookup: what `malloc` resolves to
-        libc.mallopt, libc.mallinfo2  # glibc >= 2.33
+        libc.mallopt  # noqa: B018  (musl and other libcs have none: nothing to tune)
     except (OSError, AttributeError):
         return None
     addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
