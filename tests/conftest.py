@@ -97,4 +97,4 @@ def native_preferred(monkeypatch):
     pick those instead."""
     from miaotui.compress.quant import kernels as choice
 
-    monkeypatch.setattr(choice, "native_faster", lambda *args: True)
+    monkeypatch.setattr(choice, "native_faster", lambda *args, **kwargs: True)

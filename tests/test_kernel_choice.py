@@ -77,3 +77,17 @@ def test_cold_timing_flushes_the_caches_before_every_timed_call(monkeypatch):
     events.clear()
     choice.fastest_by_rows(("hot-test",), {"a": lambda x: events.append("a")}, 8, (4,))
     assert events == ["a"] * 6
+
+
+@pytest.mark.parametrize("cache,cold", [(0, True), (1 << 40, False)])
+def test_weights_that_overflow_the_cache_are_timed_cold(monkeypatch, cache, cold):
+    """A model whose weights fit in the last-level cache meets them hot at every step, a larger one cold."""
+    seen = []
+    real = choice.fastest_by_rows
+    monkeypatch.setattr(choice, "cache_bytes", lambda: cache)
+    monkeypatch.setattr(choice, "cpu_contended", lambda: False)
+    monkeypatch.setattr(choice, "native_faster", lambda *a, **k: seen.append(("gate", k["cold"])) or True)
+    monkeypatch.setattr(choice, "fastest_by_rows", lambda *a, **k: seen.append(("rows", k["cold"])) or real(*a, **k))
+    monkeypatch.setattr(choice, "_plans", {})
+    use_native_gemv(torch.nn.Sequential(torch.nn.Linear(64, 48)).requires_grad_(False))
+    assert seen == [("gate", cold), ("rows", cold)]

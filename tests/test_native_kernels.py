@@ -256,9 +256,9 @@ def test_dense_swap_keeps_pytorch_where_it_measures_faster(monkeypatch):
     from miaotui.kernels.linear import GemvLinear, use_native_gemv
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 8).bfloat16())
-    monkeypatch.setattr(choice, "native_faster", lambda *args: False)
+    monkeypatch.setattr(choice, "native_faster", lambda *args, **kwargs: False)
     assert use_native_gemv(model) == 0 and type(model[0]) is torch.nn.Linear
-    monkeypatch.setattr(choice, "native_faster", lambda *args: True)
+    monkeypatch.setattr(choice, "native_faster", lambda *args, **kwargs: True)
     assert use_native_gemv(model) == 2 and all(type(m) is GemvLinear for m in model)
 
 

@@ -10,6 +10,9 @@
   batch, a prefill) is page-faulted in again. Raising the mmap and trim thresholds keeps freed blocks in the
   heap for the next batch: all-MiniLM-L6-v2, 100 paragraphs, 2 threads: the bias copies of the linears
   200 -> 66 ms, GELU 340 -> 160-210 ms (profiler, two runs each). ``MIAOTUI_MALLOC_KEEP=0`` turns it off.
+  Reuse is not guaranteed: a small block allocated after a freed one stops it merging back, and PyTorch's
+  2 MB-aligned allocations need 2 MB more than their size, so a freed hole of the same size may not fit and
+  the heap grows instead (seen in a test that pins such blocks: 8 batches of 64 MB, 537 MB of heap).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ one row per sequence and bound by reading the weights, so those rows go to ``mia
 (fp32 accumulation, the same result up to summation order). More rows are compute-bound: there the
 native register-blocked GEMM (``dense_gemm``) competes with the forward of the class that was replaced
 (MKL). Which kernel wins at which row count is measured per shape when a model is prepared, from cold caches
-(a decode step streams each layer's weights from memory; timed hot, the GEMV, which re-reads its weight
-tile for every 4 rows, won 9-16 rows it loses in a real step: docs/BENCHMARKS.md, session 8). On the 2-core
+when the model's weights overflow the last-level cache (a decode step then streams each layer's weights
+from memory; timed hot, the kernels are within 10 % on some shapes and the choice is a coin toss:
+docs/BENCHMARKS.md, session 8). On the 2-core
 AVX2 VM: the GEMV up to 8-16 rows, the GEMM from there to 64-128 rows (continuous batching's decode steps:
 SmolLM2's output projection at 32 rows 110 vs 52 GFLOP/s for MKL), MKL beyond (prefill, encoder batches).
 """
@@ -61,33 +62,36 @@ def use_native_gemv(model: nn.Module, classes: dict[type, type] | None = None, m
     one can match it on some CPUs), and each then takes the GEMV and the GEMM up to the row counts where
     they measured fastest (``gemv_rows`` and ``gemm_rows``, see ``row_kernels``). Returns the count; 0 when
     the native kernels are unavailable."""
-    from miaotui.compress.quant.kernels import native_faster
+    from miaotui.compress.quant.kernels import cache_bytes, native_faster
 
     classes = classes or {nn.Linear: GemvLinear}
     candidates = [m for m in model.modules() if type(m) in classes and m.weight.device.type == "cpu"
                   and m.weight.dtype in (torch.float32, torch.bfloat16) and m.weight.is_contiguous()]
     if not candidates or not kernels.available():
         return 0
+    # timed as they will run: weights that together overflow the cache come from memory every step
+    cold = sum(m.weight.nbytes for m in candidates) > cache_bytes()
     n = 0
     for module in candidates:
         w = module.weight
         if measure and not native_faster(
                 ("dense-native-vs-torch", type(module).__name__, w.dtype, *w.shape),
                 lambda x, m=module: kernels.dense_gemv(x.to(w.dtype), m.weight, m.bias),
-                lambda x, m=module: m.forward(x.to(w.dtype)), w.shape[1]):
+                lambda x, m=module: m.forward(x.to(w.dtype)), w.shape[1], cold=cold):
             continue
         own_forward = module.forward  # bound before the class changes: the forward many rows keep
         module.__class__ = classes[type(module)]
         if measure:
-            module.gemv_rows, module.gemm_rows = row_kernels(module, own_forward)
+            module.gemv_rows, module.gemm_rows = row_kernels(module, own_forward, cold)
         n += 1
     return n
 
 
-def row_kernels(module: nn.Module, own_forward) -> tuple[int, int]:
+def row_kernels(module: nn.Module, own_forward, cold: bool = False) -> tuple[int, int]:
     """(gemv_rows, gemm_rows) for a dense linear: the fastest of the native GEMV, the native GEMM and
     ``own_forward`` at each of ``ROW_BUCKETS`` (timed once per dtype and shape); the GEMV keeps the row
-    counts from ``GEMV_ROWS`` up for as long as it wins, then the GEMM up to the last count it won."""
+    counts from ``GEMV_ROWS`` up for as long as it wins, then the GEMM up to the last count it won.
+    ``cold``: timed from cold caches (see the module's docstring)."""
     from miaotui.compress.quant.kernels import fastest_by_rows
 
     w = module.weight
@@ -99,7 +103,7 @@ def row_kernels(module: nn.Module, own_forward) -> tuple[int, int]:
         {"gemv": lambda x: kernels.dense_gemv(x.to(w.dtype), w, b),
          "gemm": lambda x: kernels.dense_gemm(x.to(w.dtype), w, b),
          "own": lambda x: own_forward(x.to(w.dtype))}, in_f, rows, max_rows={"gemv": GEMV_MAX_ROWS},
-        default=DEFAULT_ROW_PLAN, cold=True)
+        default=DEFAULT_ROW_PLAN, cold=cold)
     gemv_rows = GEMV_ROWS
     for n in sorted(plan):
         if plan[n] != "gemv":

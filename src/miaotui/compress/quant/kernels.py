@@ -49,8 +49,8 @@ def _time(fn: Callable[[], object], reps: int = 5, cold: bool = False) -> float:
     return best
 
 
-def flush_bytes() -> int:
-    """Twice this CPU's last-level cache (sysfs), at least 64 MB: writing that much evicts everything else."""
+def cache_bytes() -> int:
+    """This CPU's largest (last-level) cache from sysfs; 32 MB where it cannot be read."""
     size = 0
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
@@ -58,7 +58,12 @@ def flush_bytes() -> int:
             size = max(size, int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
         except (OSError, ValueError):
             continue
-    return max(2 * size, 64 << 20)
+    return size or 32 << 20
+
+
+def flush_bytes() -> int:
+    """Twice the last-level cache, at least 64 MB: writing that much evicts everything else."""
+    return max(2 * cache_bytes(), 64 << 20)
 
 
 def cpu_contended() -> bool:
@@ -162,11 +167,11 @@ def native_supported(weight: torch.Tensor) -> bool:
 
 
 def native_faster(key: tuple, native_fn: Callable[[torch.Tensor], object],
-                  torch_fn: Callable[[torch.Tensor], object], in_features: int) -> bool:
+                  torch_fn: Callable[[torch.Tensor], object], in_features: int, cold: bool = False) -> bool:
     """Whether the native kernel beats PyTorch's packed one on a one-row input (True if PyTorch's refuses
-    the shape, or the cores are contended); cached by ``key``. Timed from cold caches, as decode reads the
-    weights (hot, fp32 576 x 1536 on this VM: 63 vs 70 us, a coin toss that once left SmolLM2's down
-    projections on MKL). On AVX2-only CPUs the native kernels win by 1.5-2x; PyTorch's are built for
+    the shape, or the cores are contended); cached by ``key``. ``cold``: timed from cold caches, as decode
+    reads a model's weights when they do not fit in cache (hot, fp32 576 x 1536 on this VM: 63 vs 70 us,
+    a coin toss that once left SmolLM2's down projections on MKL). On AVX2-only CPUs the native kernels win by 1.5-2x; PyTorch's are built for
     AVX-512 and can win there."""
     if key not in _crossover:
         if cpu_contended():
@@ -174,10 +179,10 @@ def native_faster(key: tuple, native_fn: Callable[[torch.Tensor], object],
         with torch.inference_mode():
             x = torch.randn(1, in_features)
             try:
-                t_torch = _time(lambda: torch_fn(x), cold=True)
+                t_torch = _time(lambda: torch_fn(x), cold=cold)
             except RuntimeError:
                 t_torch = float("inf")
-            _crossover[key] = int(_time(lambda: native_fn(x), cold=True) <= t_torch)
+            _crossover[key] = int(_time(lambda: native_fn(x), cold=cold) <= t_torch)
     return bool(_crossover[key])
 
 
