@@ -30,6 +30,7 @@ def never(x: torch.Tensor) -> torch.Tensor:
 def test_probe_of_idle_cores_reads_quiet(monkeypatch):
     monkeypatch.setattr(choice, "_probe", {"at": float("-inf"), "seconds": 0.0, "warned": 0.0})
     monkeypatch.setattr(choice, "CONTENDED_S", float("inf"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # with one thread there is nothing to probe
     assert not choice.cpu_contended()
     assert 0 < choice._probe["seconds"] < 1.0  # it did time the GEMV
 
