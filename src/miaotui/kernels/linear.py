@@ -75,7 +75,7 @@ def use_native_gemv(model: nn.Module, classes: dict[type, type] | None = None, m
     for module in candidates:
         w = module.weight
         if measure and not native_faster(
-                ("dense-native-vs-torch", type(module).__name__, w.dtype, *w.shape),
+                ("dense-native-vs-torch", type(module).__name__, w.dtype, *w.shape, cold),
                 lambda x, m=module: kernels.dense_gemv(x.to(w.dtype), m.weight, m.bias),
                 lambda x, m=module: m.forward(x.to(w.dtype)), w.shape[1], cold=cold):
             continue
@@ -89,8 +89,8 @@ def use_native_gemv(model: nn.Module, classes: dict[type, type] | None = None, m
 
 def row_kernels(module: nn.Module, own_forward, cold: bool = False) -> tuple[int, int]:
     """(gemv_rows, gemm_rows) for a dense linear: the fastest of the native GEMV, the native GEMM and
-    ``own_forward`` at each of ``ROW_BUCKETS`` (timed once per dtype and shape); the GEMV keeps the row
-    counts from ``GEMV_ROWS`` up for as long as it wins, then the GEMM up to the last count it won.
+    ``own_forward`` at each of ``ROW_BUCKETS`` (timed once per dtype, shape and ``cold``); the GEMV keeps
+    the row counts from ``GEMV_ROWS`` up for as long as it wins, then the GEMM up to the last count it won.
     ``cold``: timed from cold caches (see the module's docstring)."""
     from miaotui.compress.quant.kernels import fastest_by_rows
 
@@ -99,7 +99,7 @@ def row_kernels(module: nn.Module, own_forward, cold: bool = False) -> tuple[int
     rows = tuple(r for r in ROW_BUCKETS if 2 * r * in_f * out_f <= MAX_TIMED_FLOP)
     b = module.bias
     plan = fastest_by_rows(
-        ("dense-rows", type(module).__name__, w.dtype, *w.shape),
+        ("dense-rows", type(module).__name__, w.dtype, *w.shape, cold),
         {"gemv": lambda x: kernels.dense_gemv(x.to(w.dtype), w, b),
          "gemm": lambda x: kernels.dense_gemm(x.to(w.dtype), w, b),
          "own": lambda x: own_forward(x.to(w.dtype))}, in_f, rows, max_rows={"gemv": GEMV_MAX_ROWS},
