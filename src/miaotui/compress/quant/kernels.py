@@ -171,8 +171,8 @@ def native_faster(key: tuple, native_fn: Callable[[torch.Tensor], object],
     """Whether the native kernel beats PyTorch's packed one on a one-row input (True if PyTorch's refuses
     the shape, or the cores are contended); cached by ``key``. ``cold``: timed from cold caches, as decode
     reads a model's weights when they do not fit in cache (hot, fp32 576 x 1536 on this VM: 63 vs 70 us,
-    a coin toss that once left SmolLM2's down projections on MKL). On AVX2-only CPUs the native kernels win by 1.5-2x; PyTorch's are built for
-    AVX-512 and can win there."""
+    a coin toss that once left SmolLM2's down projections on MKL). On AVX2-only CPUs the native kernels
+    win by 1.5-2x; PyTorch's are built for AVX-512 and can win there."""
     if key not in _crossover:
         if cpu_contended():
             return True
