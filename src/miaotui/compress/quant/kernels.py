@@ -16,6 +16,7 @@ defaults below are used, and not cached.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def _time(fn: Callable[[], object], reps: int = 5, cold: bool = False) -> float:
     return best
 
 
+@functools.cache  # read once: every cold timing asks
 def cache_bytes() -> int:
     """This CPU's largest (last-level) cache from sysfs; 32 MB where it cannot be read."""
     size = 0
