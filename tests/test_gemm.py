@@ -1,7 +1,8 @@
 """The native many-row GEMM (kernels.dense_gemm, csrc/gemm.cpp): equal to the fp64 product up to fp32
 summation order on shapes that exercise every edge (rows not a multiple of the 6-row tile, features not a
-multiple of 16 and fewer than 16, inputs split into several blocks or fewer than 8), bf16 weights, one and
-two threads; and how dense linears choose between it, the GEMV and PyTorch by measured row counts."""
+multiple of 16 and fewer than 16, inputs split into several blocks or fewer than 8; for the few-row kernel,
+1-24 rows in 1-3 vectors, features not a multiple of its 12-, 6- or 4-row groups, inputs not a multiple of
+its 16-column unroll), bf16 weights, one and two threads; and how dense linears choose between it, the GEMV and PyTorch by measured row counts."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from miaotui import kernels
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels do not build on this machine")
 
-SHAPES = [(1, 37, 77), (5, 8, 5), (7, 16, 1), (13, 200, 33), (150, 48, 1536), (300, 100, 769), (6, 1000, 64)]
+SHAPES = [(1, 37, 77), (5, 8, 5), (7, 16, 1), (13, 200, 33), (150, 48, 1536), (300, 100, 769), (6, 1000, 64),
+          (8, 25, 300), (16, 13, 17), (17, 30, 2300), (24, 25, 576), (25, 40, 96)]
 
 
 def close(y: torch.Tensor, ref: torch.Tensor, tol: float = 2e-6) -> None:
@@ -36,8 +38,9 @@ def test_gemm_with_one_and_two_threads(threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x, w, b = torch.randn(333, 520), torch.randn(200, 520), torch.randn(200)
-        close(kernels.dense_gemm(x, w, b), x.double() @ w.double().t() + b.double())
+        for m in (333, 11):  # the packed GEMM, the few-row one
+            x, w, b = torch.randn(m, 520), torch.randn(200, 520), torch.randn(200)
+            close(kernels.dense_gemm(x, w, b), x.double() @ w.double().t() + b.double())
     finally:
         torch.set_num_threads(before)
 
