@@ -1,7 +1,7 @@
 """The native many-row GEMM (kernels.dense_gemm, csrc/gemm.cpp): equal to the fp64 product up to fp32
 summation order on shapes that exercise every edge (rows not a multiple of the 6-row tile, features not a
 multiple of 16 and fewer than 16, inputs split into several blocks or fewer than 8; for the few-row kernel,
-1-24 rows in 1-3 vectors, features not a multiple of its 12-, 6- or 4-row groups, inputs not a multiple of
+1-32 rows in 1-4 vectors, features not a multiple of its 12-, 6- or 4-row groups, inputs not a multiple of
 its 16-column unroll), bf16 weights, one and two threads; and how dense linears choose between it, the GEMV and PyTorch by measured row counts."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from miaotui import kernels
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels do not build on this machine")
 
 SHAPES = [(1, 37, 77), (5, 8, 5), (7, 16, 1), (13, 200, 33), (150, 48, 1536), (300, 100, 769), (6, 1000, 64),
-          (8, 25, 300), (16, 13, 17), (17, 30, 2300), (24, 25, 576), (25, 40, 96)]
+          (8, 25, 300), (16, 13, 17), (17, 30, 2300), (24, 25, 576), (25, 40, 96), (32, 19, 100), (29, 14, 40)]
 
 
 def close(y: torch.Tensor, ref: torch.Tensor, tol: float = 2e-6) -> None:

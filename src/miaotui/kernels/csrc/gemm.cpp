@@ -15,11 +15,12 @@
 // block: nothing is shared between threads.
 //
 // Up to kXtRows rows of fp32 weights take a second kernel that packs nothing but x: x is transposed into
-// [K][8 | 16 | 24] (zero-padded), and each weight is broadcast straight from W's rows onto those 1-3
-// vectors (12 accumulators: 12, 6 or 4 weight rows at a time). W is read once, front to back, with no
-// packing pass in between, which at these row counts is what bounds the packed GEMM: all of SmolLM2's
-// layers, weights from DRAM, 2 threads: 38 vs 51 ms at 8 rows, 41 vs 49 at 16, 49-51 vs 62 at 24 (32
-// concurrent requests: +3.5 % in an interleaved in-process A/B).
+// [K][8 | 16 | 24 | 32] (zero-padded), and each weight is broadcast straight from W's rows onto 1-3 of
+// those vectors (12 accumulators: 12, 6 or 4 weight rows at a time; 32 rows in two passes of 16). W is
+// read once, front to back, with no packing pass in between, which at these row counts is what bounds the
+// packed GEMM, and the next rows are prefetched in address order while the current ones are multiplied.
+// All of SmolLM2's layers, weights from DRAM, 2 threads, interleaved in one process: 37.5 vs 52.6 ms at 16
+// rows, 53 vs 67 at 24, 71 vs 80 at 32.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -161,7 +162,9 @@ void micro_rows(int rows, const float* x, int64_t K, const float* panel, int64_t
 }
 
 // ------------------------------------------------------------------ few rows: W broadcast onto x^T
-constexpr int64_t kXtRows = 24;  // above this the packed GEMM's reuse of its block wins (level at 32 rows)
+// above this the packed GEMM's reuse of its block wins: xt / packed speed 1.40 at 16 rows, 1.26 at 24, 1.12 at
+// 32, 0.91 at 40, 0.83 at 64 (all of SmolLM2's layers, interleaved in one process)
+constexpr int64_t kXtRows = 32;
 
 // acc[r][v] = sum_k W[r][k] * xT[k][8v : 8v + 8] for R rows of W (ldw apart) and MV vectors of xT (Mp apart)
 template <int R, int MV>
@@ -183,10 +186,13 @@ inline void xt_micro(const float* xT, int64_t Mp, int64_t K, const float* w, int
     }
   };
   int64_t k = 0;
-  // unrolled 16 deep: one prefetch per weight row per cache line, no branch per column
+  // unrolled 16 deep, no branch per column. Every 16 columns, R cache lines of the NEXT R rows (contiguous
+  // when ldw == K, as xt_rows walks them) are prefetched in address order: DRAM then sees one sequential
+  // stream per thread instead of R interleaved ones (prefetching each row ahead: 40-45 vs 24-29 ms at 16 rows)
+  const char* next = reinterpret_cast<const char*>(w + R * ldw);
   for (; k + 16 <= K; k += 16) {
 #pragma GCC unroll 12
-    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k + 256), _MM_HINT_T0);
+    for (int r = 0; r < R; ++r) _mm_prefetch(next + (k / 16 * R + r) * 64, _MM_HINT_T0);
 #pragma GCC unroll 16
     for (int kk = 0; kk < 16; ++kk) step(k + kk);
   }
@@ -197,32 +203,34 @@ inline void xt_micro(const float* xT, int64_t Mp, int64_t K, const float* w, int
     for (int v = 0; v < MV; ++v) _mm256_storeu_ps(out + (r * MV + v) * 8, acc[r][v]);
 }
 
-// weight rows [n0, n1) for all M rows: groups of R, a short tail one row at a time
+// weight rows [n0, n1) for all M rows: groups of R, a short tail one row at a time. Up to 24 rows in one
+// pass of MV = 1-3 vectors; more in chunks of 16 columns of xT (2 vectors, R = 6), the group's rows read
+// from DRAM by the first chunk and from L1/L2 by the rest.
 template <int MV>
-void xt_rows(const float* xT, int64_t M, int64_t K, const float* w, int64_t N, const float* bias, float* y,
-             int64_t n0, int64_t n1) {
+void xt_rows(const float* xT, int64_t Mp, int64_t M, int64_t K, const float* w, int64_t N, const float* bias,
+             float* y, int64_t n0, int64_t n1) {
   constexpr int R = 12 / MV;
-  constexpr int64_t Mp = 8 * MV;
   alignas(32) float out[12 * 8];
-  auto put = [&](int rows, int64_t n) {
-    for (int r = 0; r < rows; ++r) {
-      const float b = bias ? bias[n + r] : 0.f;
-      for (int64_t m = 0; m < M; ++m) y[m * N + n + r] = out[r * Mp + m] + b;
+  auto run = [&](int rows, int64_t n) {
+    for (int64_t m0 = 0; m0 < Mp; m0 += 8 * MV) {
+      const int64_t mv = std::min<int64_t>(MV, (Mp - m0) / 8);
+      if (rows == R && mv == MV) xt_micro<R, MV>(xT + m0, Mp, K, w + n * K, K, out);
+      else if (rows == R) xt_micro<R, 1>(xT + m0, Mp, K, w + n * K, K, out);  // MV = 2: a 1-vector last chunk
+      else if (mv == MV) xt_micro<1, MV>(xT + m0, Mp, K, w + n * K, K, out);
+      else xt_micro<1, 1>(xT + m0, Mp, K, w + n * K, K, out);
+      for (int r = 0; r < rows; ++r) {
+        const float b = bias ? bias[n + r] : 0.f;
+        for (int64_t i = 0; i < 8 * mv && m0 + i < M; ++i) y[(m0 + i) * N + n + r] = out[(r * mv) * 8 + i] + b;
+      }
     }
   };
   int64_t n = n0;
-  for (; n + R <= n1; n += R) {
-    xt_micro<R, MV>(xT, Mp, K, w + n * K, K, out);
-    put(R, n);
-  }
-  for (; n < n1; ++n) {
-    xt_micro<1, MV>(xT, Mp, K, w + n * K, K, out);
-    put(1, n);
-  }
+  for (; n + R <= n1; n += R) run(R, n);
+  for (; n < n1; ++n) run(1, n);
 }
 
 void xt_gemm(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* bias, float* y) {
-  const int64_t mv = (M + 7) / 8, Mp = 8 * mv;
+  const int64_t vectors = (M + 7) / 8, Mp = 8 * vectors;
   std::vector<float> xT(size_t(K * Mp), 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xT[k * Mp + m] = x[m * K + k];
@@ -230,10 +238,10 @@ void xt_gemm(const float* x, int64_t M, int64_t K, const float* w, int64_t N, co
   const int64_t groups = (N + 11) / 12, grain = std::max<int64_t>(1, 48 * 1024 / (12 * K * 4));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     const int64_t n0 = g0 * 12, n1 = std::min(N, g1 * 12);
-    switch (mv) {
-      case 1: xt_rows<1>(xT.data(), M, K, w, N, bias, y, n0, n1); break;
-      case 2: xt_rows<2>(xT.data(), M, K, w, N, bias, y, n0, n1); break;
-      default: xt_rows<3>(xT.data(), M, K, w, N, bias, y, n0, n1); break;
+    switch (vectors) {
+      case 1: xt_rows<1>(xT.data(), Mp, M, K, w, N, bias, y, n0, n1); break;
+      case 3: xt_rows<3>(xT.data(), Mp, M, K, w, N, bias, y, n0, n1); break;
+      default: xt_rows<2>(xT.data(), Mp, M, K, w, N, bias, y, n0, n1); break;
     }
   });
 }
