@@ -59,6 +59,22 @@ def use_native_dense(model: nn.Module) -> int:
     return use_native_gemv(model, {nn.Linear: GemvLinear, UpcastLinear: GemvUpcastLinear})
 
 
+def use_native_elementwise(model: nn.Module) -> int:
+    """Turn on the one-pass RMSNorm, rotary and silu·up kernels (``kernels/csrc/elementwise.cpp``) of a CPU
+    model's modules that have them (``native`` flags); they run for fp32 activations without autograd, so
+    bf16 models and training keep PyTorch's ops. Off with ``MIAOTUI_NATIVE_DENSE=0``. Returns the count."""
+    from miaotui import kernels
+
+    if os.environ.get("MIAOTUI_NATIVE_DENSE", "1") == "0" or not kernels.available():
+        return 0
+    n = 0
+    for module in model.modules():
+        if "native" in type(module).__dict__ and all(p.device.type == "cpu" for p in module.parameters()):
+            module.native = True
+            n += 1
+    return n
+
+
 def prepare_for_inference(model: CausalLM) -> CausalLM:
     from miaotui.compress.quant.qlinear import prepare_quantized
 
@@ -69,4 +85,5 @@ def prepare_for_inference(model: CausalLM) -> CausalLM:
             and has_native_bf16() is False:
         upcast_many_row_matmuls(model)
     use_native_dense(model)
+    use_native_elementwise(model)
     return model

@@ -16,7 +16,7 @@ import torch
 from miaotui.kernels.build import ENV, load as available, loaded_isa
 
 __all__ = ["ENV", "INT4_GROUP_MULTIPLE", "INT8_GROUP_MULTIPLE", "available", "loaded_isa", "int8_gemv", "int4_gemv",
-           "dense_gemv", "dense_gemm", "varlen_attention", "paged_decode_attention"]
+           "dense_gemv", "dense_gemm", "varlen_attention", "paged_decode_attention", "rms_norm", "silu_mul", "rope"]
 
 INT4_GROUP_MULTIPLE = 32  # int4 groups must be whole 16-byte blocks of 32 codes (see csrc/gemv.cpp)
 INT8_GROUP_MULTIPLE = 16  # grouped int8 scales: groups of whole vectors (16 lanes with AVX-512)
@@ -75,3 +75,20 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     it sees its last ``window`` keys (None: all) of context_lens[b] → [B, H, D]."""
     return torch.ops.miaotui.paged_decode_attention(q.contiguous(), k_pool, v_pool, block_tables, context_lens,
                                                     block_size, scale, window or 0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """fp32 ``weight * (x * rsqrt(mean(x², -1) + eps))`` in one pass (``csrc/elementwise.cpp``); x [..., C]."""
+    return torch.ops.miaotui.rms_norm(_rows(x), weight, eps).reshape(x.shape)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """fp32 ``silu(gate) * up`` for ``gate, up = gate_up.chunk(2, -1)``, in one pass: [..., 2F] → [..., F]."""
+    y = torch.ops.miaotui.silu_mul(_rows(gate_up))
+    return y.reshape(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of fp32 x [B, H, T, D] (rows contiguous, any other strides) by cos/sin
+    holding T x D values: ``x * cos + cat(-x2, x1) * sin`` as one pass, contiguous out."""
+    return torch.ops.miaotui.rope(x, cos.contiguous(), sin.contiguous())

@@ -26,7 +26,8 @@ log = logging.getLogger("miaotui.kernels")
 
 ENV = "MIAOTUI_NATIVE"
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "gemv.cpp", CSRC / "gemm.cpp", CSRC / "decode_step.cpp", CSRC / "attention.cpp"]
+SOURCES = [CSRC / "gemv.cpp", CSRC / "gemm.cpp", CSRC / "decode_step.cpp", CSRC / "attention.cpp",
+           CSRC / "elementwise.cpp"]
 # -fopenmp: at::parallel_for is an inline OpenMP region in ATen's headers; compiled without it, the
 # "parallel" loop silently runs on one thread (measured: 14.8 GB/s at 1 and at 2 threads)
 _COMMON = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
@@ -69,6 +70,9 @@ def _register_fakes() -> None:
     torch.library.register_fake("miaotui::varlen_attention")(
         lambda qkv, cu_seqlens, heads, scale: qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3))
     torch.library.register_fake("miaotui::paged_decode_attention")(lambda q, *_args: torch.empty_like(q))
+    torch.library.register_fake("miaotui::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
+    torch.library.register_fake("miaotui::silu_mul")(lambda g: g.new_empty(g.shape[0], g.shape[1] // 2))
+    torch.library.register_fake("miaotui::rope")(lambda x, cos, sin: x.new_empty(x.shape))
     _state["fakes"] = True
 
 

@@ -18,12 +18,18 @@ from miaotui.errors import ModelLoadError
 
 
 class RMSNorm(nn.Module):
+    native = False  # prepare_for_inference: fp32 inference runs the one-pass kernel (kernels.rms_norm)
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.dtype == torch.float32 and not (x.requires_grad or self.weight.requires_grad):
+            from miaotui import kernels
+
+            return kernels.rms_norm(x, self.weight, self.eps)
         # normalise in fp32 like the reference, scale in the input dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -71,8 +77,13 @@ def rope_tables(head_dim: int, params: dict[str, Any], max_pos: int) -> tuple[to
     return emb.cos().float(), emb.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (T, D)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, native: bool = False) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (T, D). ``native``: fp32 inference may take the one-pass kernel."""
+    if native and x.dtype == torch.float32 and not x.requires_grad and x.stride(-1) == 1 \
+            and cos.numel() == x.shape[2] * x.shape[3]:
+        from miaotui import kernels
+
+        return kernels.rope(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)

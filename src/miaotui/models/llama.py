@@ -67,6 +67,8 @@ class LlamaArgs:
 
 
 class Attention(nn.Module):
+    native = False  # prepare_for_inference: fp32 inference takes the one-pass rotary kernel (kernels.rope)
+
     def __init__(self, a: LlamaArgs):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
@@ -95,7 +97,7 @@ class Attention(nn.Module):
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin, self.native), apply_rope(k, cos, sin, self.native)
         if self.kv_cache is not None:  # static or paged: the cache writes k/v and attends
             y = self.kv_cache.attend(q, k, v, start, self.window)
         elif isinstance(start, torch.Tensor) or start != 0:
@@ -106,6 +108,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    native = False  # prepare_for_inference: fp32 inference takes the one-pass silu(gate) * up (kernels.silu_mul)
+
     def __init__(self, a: LlamaArgs):
         super().__init__()
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
@@ -119,7 +123,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)
+            if self.native and gate_up.dtype == torch.float32 and not gate_up.requires_grad:
+                from miaotui import kernels
+
+                return self.down_proj(kernels.silu_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
