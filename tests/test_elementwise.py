@@ -77,7 +77,8 @@ def test_bad_inputs_get_an_error():
 def test_opcheck():
     torch.library.opcheck(torch.ops.miaotui.rms_norm, (torch.randn(3, 24), torch.randn(24), 1e-6),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.miaotui.silu_mul, (torch.randn(3, 24),), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.miaotui.silu_mul, (torch.randn(3, 24),),
+                          test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.miaotui.rope, (torch.randn(1, 2, 3, 8), torch.randn(3, 8), torch.randn(3, 8)),
                           test_utils=("test_schema", "test_faketensor"))
 
