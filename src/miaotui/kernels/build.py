@@ -187,4 +187,23 @@ def _attention_self_check(g: torch.Generator) -> str | None:
         want = torch.einsum("hs,shd->hd", torch.softmax(torch.einsum("hd,shd->hs", q[b].double(), k) * 0.25, -1), v)
         if not torch.allclose(got[b].double(), want, rtol=1e-4, atol=1e-5):
             return "paged_decode_attention"
+    return _elementwise_self_check(g)
+
+
+def _elementwise_self_check(g: torch.Generator) -> str | None:
+    """rms_norm, silu_mul and rope on widths with a vector tail against their fp64 formulas."""
+    x, w = torch.randn(3, 21, generator=g), torch.randn(21, generator=g)
+    xd = x.double()
+    norm = w.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    gate, up = xd[:, :10] * 4, xd[:, 10:20]
+    xr = torch.randn(1, 2, 4, 20, generator=g).transpose(1, 2)  # [B, H, T, D] as the projection lays it out
+    cos, sin = torch.randn(2, 2, 20, generator=g)
+    rot = torch.cat([-xr[..., 10:], xr[..., :10]], -1).double()
+    cases = {"rms_norm": (torch.ops.miaotui.rms_norm(x, w, 1e-5), norm),
+             "silu_mul": (torch.ops.miaotui.silu_mul(torch.cat([x[:, :10] * 4, x[:, 10:20]], 1).contiguous()),
+                          torch.nn.functional.silu(gate) * up),
+             "rope": (torch.ops.miaotui.rope(xr, cos, sin), xr.double() * cos.double() + rot * sin.double())}
+    for name, (got, want) in cases.items():
+        if not torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5):
+            return name
     return None
