@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miaotui import kernels
 from miaotui.errors import ModelLoadError
 
 
@@ -27,8 +28,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native and x.dtype == torch.float32 and not (x.requires_grad or self.weight.requires_grad):
-            from miaotui import kernels
-
             return kernels.rms_norm(x, self.weight, self.eps)
         # normalise in fp32 like the reference, scale in the input dtype
         h = x.float()
@@ -81,8 +80,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, native: bo
     """x: (B, H, T, D); cos/sin: (T, D). ``native``: fp32 inference may take the one-pass kernel."""
     if native and x.dtype == torch.float32 and not x.requires_grad and x.stride(-1) == 1 \
             and cos.numel() == x.shape[2] * x.shape[3]:
-        from miaotui import kernels
-
         return kernels.rope(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miaotui import kernels
 from miaotui.models.base import (
     CausalLM, KVCache, RMSNorm, apply_rope, attend, fuse_linears, position_ids, rope_parameters, rope_tables,
 )
@@ -125,8 +126,6 @@ class MLP(nn.Module):
         if self.gate_up_proj is not None:
             gate_up = self.gate_up_proj(x)
             if self.native and gate_up.dtype == torch.float32 and not gate_up.requires_grad:
-                from miaotui import kernels
-
                 return self.down_proj(kernels.silu_mul(gate_up))
             gate, up = gate_up.chunk(2, dim=-1)
         else:

@@ -232,8 +232,8 @@ void xt_rows(const float* xT, int64_t Mp, int64_t M, int64_t K, const float* w, 
 void xt_gemm(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* bias, float* y) {
   const int64_t vectors = (M + 7) / 8, Mp = 8 * vectors;
   std::vector<float> xT(size_t(K * Mp), 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xT[k * Mp + m] = x[m * K + k];
+  for (int64_t k = 0; k < K; ++k)  // written in order; the M rows of x are read as M streams
+    for (int64_t m = 0; m < M; ++m) xT[k * Mp + m] = x[m * K + k];
   // threads take contiguous runs of 12-row groups, each at least ~48 KB of weights (a fork costs microseconds)
   const int64_t groups = (N + 11) / 12, grain = std::max<int64_t>(1, 48 * 1024 / (12 * K * 4));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
