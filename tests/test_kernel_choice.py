@@ -92,3 +92,14 @@ def test_weights_that_overflow_the_cache_are_timed_cold(monkeypatch, cache, cold
     monkeypatch.setattr(choice, "_plans", {})
     use_native_gemv(torch.nn.Sequential(torch.nn.Linear(64, 48)).requires_grad_(False))
     assert seen == [("gate", cold), ("rows", cold)]
+
+
+def test_a_handicapped_candidate_must_win_by_its_margin(monkeypatch):
+    import time
+
+    monkeypatch.setattr(choice, "cpu_contended", lambda: False)
+    monkeypatch.setattr(choice, "_plans", {})
+    fast, slow = (lambda x: time.sleep(0.004)), (lambda x: time.sleep(0.005))
+    assert choice.fastest_by_rows(("h1",), {"own": fast, "gemm": slow}, 8, (8,)) == {8: "own"}
+    assert choice.fastest_by_rows(("h2",), {"own": fast, "gemm": slow}, 8, (8,), handicap={"own": 1.5}) == \
+        {8: "gemm"}

@@ -26,6 +26,10 @@ GEMV_ROWS = 4  # rows the native kernel always takes (4 per pass over the weight
 ROW_BUCKETS = (8, 16, 32, 64, 128)
 GEMV_MAX_ROWS = 64  # the GEMV re-reads its weight tile every 4 rows: not a candidate beyond this
 MAX_TIMED_FLOP = 4e9  # row counts whose product exceeds this are not timed (~30 ms a call): no native GEMM there
+# PyTorch's forward must be this much faster to take a row count from the native kernels: at 8-64 rows it
+# measured a third to a half of their rate here, and one noisy timing once gave it two of SmolLM2's four
+# shapes at 16-32 rows (a 21-row decode step 143 vs 93 ms)
+OWN_HANDICAP = 1.15
 # the plan where timings cannot be trusted (another process on the cores): what most shapes measured here
 DEFAULT_ROW_PLAN = {8: "gemv", 16: "gemm", 32: "gemm", 64: "gemm", 128: "own"}
 
@@ -103,7 +107,7 @@ def row_kernels(module: nn.Module, own_forward, cold: bool = False) -> tuple[int
         {"gemv": lambda x: kernels.dense_gemv(x.to(w.dtype), w, b),
          "gemm": lambda x: kernels.dense_gemm(x.to(w.dtype), w, b),
          "own": lambda x: own_forward(x.to(w.dtype))}, in_f, rows, max_rows={"gemv": GEMV_MAX_ROWS},
-        default=DEFAULT_ROW_PLAN, cold=cold)
+        default=DEFAULT_ROW_PLAN, cold=cold, handicap={"own": OWN_HANDICAP})
     gemv_rows = GEMV_ROWS
     for n in sorted(plan):
         if plan[n] != "gemv":

@@ -130,11 +130,13 @@ def faster_at(key: tuple, candidate: Callable[[torch.Tensor], object], reference
 
 def fastest_by_rows(key: tuple, candidates: dict[str, Callable[[torch.Tensor], object]], in_features: int,
                     rows: tuple[int, ...], max_rows: dict[str, int] | None = None,
-                    default: dict[int, str] | None = None, cold: bool = False) -> dict[int, str]:
+                    default: dict[int, str] | None = None, cold: bool = False,
+                    handicap: dict[str, float] | None = None) -> dict[int, str]:
     """The fastest of ``candidates`` (name → fn) at each row count; a candidate that fails, or is past its
     ``max_rows``, is not timed there. Cached by ``key``; ``default`` (of ``rows``) while the cores are
     contended. ``cold``: timed with the caches flushed before each call, as a decode step meets each
-    layer's weights (the model's weights do not fit in cache)."""
+    layer's weights (the model's weights do not fit in cache). ``handicap``: name → factor its time is
+    multiplied by before the comparison (a candidate that must win by a margin to be chosen)."""
     if key not in _plans:
         if cpu_contended():
             return {n: name for n, name in (default or {}).items() if n in rows}
@@ -151,7 +153,7 @@ def fastest_by_rows(key: tuple, candidates: dict[str, Callable[[torch.Tensor], o
                     except RuntimeError:  # the kernel refuses this shape/dtype on this build
                         pass
                 if times:
-                    plan[n] = min(times, key=times.__getitem__)
+                    plan[n] = min(times, key=lambda name: times[name] * (handicap or {}).get(name, 1.0))
         _plans[key] = plan
     return _plans[key]
 
