@@ -89,14 +89,14 @@ def test_norm_module_takes_the_kernel_only_for_fp32_inference():
         norm.weight.copy_(torch.randn(16))
     x = torch.randn(4, 16)
     plain = norm(x)
-    norm.native = True
+    norm.native_ops = True
     with torch.no_grad():
         torch.testing.assert_close(norm(x), plain, atol=1e-6, rtol=1e-6)
     assert norm(x).requires_grad  # autograd keeps PyTorch's ops
     xb = x.bfloat16()  # bf16 activations: PyTorch's ops, as without the flag
     with torch.no_grad():
         native = norm(xb)
-        norm.native = False
+        norm.native_ops = False
         assert torch.equal(native, norm(xb))
 
 
@@ -106,8 +106,8 @@ def test_prepared_model_turns_them_on_and_keeps_the_logits(hf_folder):
 
     path, ref = hf_folder("llama-gqa-untied")
     model = prepare_for_inference(load(str(path), dtype="fp32").model)
-    assert all(blk.mlp.native and blk.self_attn.native and blk.input_layernorm.native
-               for blk in model.model.layers) and model.model.norm.native
+    assert all(blk.mlp.native_ops and blk.self_attn.native_ops and blk.input_layernorm.native_ops
+               for blk in model.model.layers) and model.model.norm.native_ops
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         torch.testing.assert_close(model(ids), ref(ids).logits, atol=1e-4, rtol=0)

@@ -61,7 +61,7 @@ def use_native_dense(model: nn.Module) -> int:
 
 def use_native_elementwise(model: nn.Module) -> int:
     """Turn on the one-pass RMSNorm, rotary and silu·up kernels (``kernels/csrc/elementwise.cpp``) of a CPU
-    model's modules that have them (``native`` flags); they run for fp32 activations without autograd, so
+    model's modules that have them (``native_ops`` flags); they run for fp32 activations without autograd, so
     bf16 models and training keep PyTorch's ops. Off with ``MIAOTUI_NATIVE_DENSE=0``. Returns the count."""
     from miaotui import kernels
 
@@ -69,8 +69,8 @@ def use_native_elementwise(model: nn.Module) -> int:
         return 0
     n = 0
     for module in model.modules():
-        if "native" in type(module).__dict__ and all(p.device.type == "cpu" for p in module.parameters()):
-            module.native = True
+        if "native_ops" in type(module).__dict__ and all(p.device.type == "cpu" for p in module.parameters()):
+            module.native_ops = True
             n += 1
     return n
 

@@ -19,7 +19,7 @@ from miaotui.errors import ModelLoadError
 
 
 class RMSNorm(nn.Module):
-    native = False  # prepare_for_inference: fp32 inference runs the one-pass kernel (kernels.rms_norm)
+    native_ops = False  # prepare_for_inference: fp32 inference runs the one-pass kernel (kernels.rms_norm)
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native and x.dtype == torch.float32 and not (x.requires_grad or self.weight.requires_grad):
+        if self.native_ops and x.dtype == torch.float32 and not (x.requires_grad or self.weight.requires_grad):
             return kernels.rms_norm(x, self.weight, self.eps)
         # normalise in fp32 like the reference, scale in the input dtype
         h = x.float()

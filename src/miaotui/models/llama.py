@@ -68,7 +68,7 @@ class LlamaArgs:
 
 
 class Attention(nn.Module):
-    native = False  # prepare_for_inference: fp32 inference takes the one-pass rotary kernel (kernels.rope)
+    native_ops = False  # prepare_for_inference: fp32 inference takes the one-pass rotary kernel (kernels.rope)
 
     def __init__(self, a: LlamaArgs):
         super().__init__()
@@ -98,7 +98,7 @@ class Attention(nn.Module):
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin, self.native), apply_rope(k, cos, sin, self.native)
+        q, k = apply_rope(q, cos, sin, self.native_ops), apply_rope(k, cos, sin, self.native_ops)
         if self.kv_cache is not None:  # static or paged: the cache writes k/v and attends
             y = self.kv_cache.attend(q, k, v, start, self.window)
         elif isinstance(start, torch.Tensor) or start != 0:
@@ -109,7 +109,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    native = False  # prepare_for_inference: fp32 inference takes the one-pass silu(gate) * up (kernels.silu_mul)
+    native_ops = False  # prepare_for_inference: fp32 inference takes the one-pass silu(gate)*up (kernels.silu_mul)
 
     def __init__(self, a: LlamaArgs):
         super().__init__()
@@ -125,7 +125,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate_up = self.gate_up_proj(x)
-            if self.native and gate_up.dtype == torch.float32 and not gate_up.requires_grad:
+            if self.native_ops and gate_up.dtype == torch.float32 and not gate_up.requires_grad:
                 return self.down_proj(kernels.silu_mul(gate_up))
             gate, up = gate_up.chunk(2, dim=-1)
         else:
