@@ -256,6 +256,7 @@ def test_w8a8_with_layers_kept_float(encoder_folder):
 
     from miaotui.compress.quant.qlinear import W8A8Linear
     from miaotui.compress.recipe import Context, RecipeError, run_recipe
+    from miaotui.kernels.linear import GemvLinear
     from miaotui.loading.encoder import load_encoder
     from miaotui.optimize.encoder_candidates import w8a8_float_layers
 
@@ -263,8 +264,9 @@ def test_w8a8_with_layers_kept_float(encoder_folder):
     ctx = Context(loaded, progress=False)
     run_recipe(ctx, {"name": "mixed", "steps": w8a8_float_layers([1, 3])})
     for i, layer in enumerate(loaded.model.layers):
-        want = nn.Linear if i in (1, 3) else W8A8Linear
-        assert type(layer.attention.qkv) is want and type(layer.output) is want, i
+        # a float layer may be prepared for the native few-row kernels (GemvLinear) where they timed faster
+        want = (nn.Linear, GemvLinear) if i in (1, 3) else (W8A8Linear,)
+        assert type(layer.attention.qkv) in want and type(layer.output) in want, i
     assert len(ctx.modules) == 2 * 4 and all(n.split(".")[1] in ("0", "2") for n in ctx.modules)
     for step, needle in (({"method": "smoothquant", "overrides": {"layers.0.*": {"bits": 4}}}, "only \\{skip: true\\}"),
                          ({"method": "rtn", "bits": 8, "overrides": {"layers.9.*": {"skip": True}}}, "match no encoder")):
