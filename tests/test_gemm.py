@@ -2,7 +2,8 @@
 summation order on shapes that exercise every edge (rows not a multiple of the 6-row tile, features not a
 multiple of 16 and fewer than 16, inputs split into several blocks or fewer than 8; for the few-row kernel,
 1-32 rows in 1-4 vectors, features not a multiple of its 12-, 6- or 4-row groups, inputs not a multiple of
-its 16-column unroll), bf16 weights, one and two threads; and how dense linears choose between it, the GEMV and PyTorch by measured row counts."""
+its 16-column unroll), bf16 weights, one and two threads; and how dense linears choose between it, the GEMV
+and PyTorch by measured row counts."""
 
 from __future__ import annotations
 

@@ -51,10 +51,14 @@ def upcast_many_row_matmuls(model: nn.Module) -> int:
     return n
 
 
+def _native_dense_enabled() -> bool:
+    return os.environ.get("MIAOTUI_NATIVE_DENSE", "1") != "0"
+
+
 def use_native_dense(model: nn.Module) -> int:
     """Swap the dense (fp32/bf16, upcast or not) linears of a prepared model for their native-kernel classes
     (``kernels/linear.py``) unless ``MIAOTUI_NATIVE_DENSE=0``; returns the count. Decoders and encoders alike."""
-    if os.environ.get("MIAOTUI_NATIVE_DENSE", "1") == "0":
+    if not _native_dense_enabled():
         return 0
     return use_native_gemv(model, {nn.Linear: GemvLinear, UpcastLinear: GemvUpcastLinear})
 
@@ -65,7 +69,7 @@ def use_native_elementwise(model: nn.Module) -> int:
     bf16 models and training keep PyTorch's ops. Off with ``MIAOTUI_NATIVE_DENSE=0``. Returns the count."""
     from miaotui import kernels
 
-    if os.environ.get("MIAOTUI_NATIVE_DENSE", "1") == "0" or not kernels.available():
+    if not _native_dense_enabled() or not kernels.available():
         return 0
     n = 0
     for module in model.modules():

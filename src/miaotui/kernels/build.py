@@ -161,7 +161,7 @@ def _self_check() -> str | None:
         want = rows.double() @ w.t() + bias.double()
         if not torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
             return name
-    return _attention_self_check(g)
+    return _attention_self_check(g) or _elementwise_self_check(g)
 
 
 def _attention_self_check(g: torch.Generator) -> str | None:
@@ -187,7 +187,7 @@ def _attention_self_check(g: torch.Generator) -> str | None:
         want = torch.einsum("hs,shd->hd", torch.softmax(torch.einsum("hd,shd->hs", q[b].double(), k) * 0.25, -1), v)
         if not torch.allclose(got[b].double(), want, rtol=1e-4, atol=1e-5):
             return "paged_decode_attention"
-    return _elementwise_self_check(g)
+    return None
 
 
 def _elementwise_self_check(g: torch.Generator) -> str | None:

@@ -28,7 +28,7 @@ void check_rows(const at::Tensor& x, const char* what) {
               what, " must be a contiguous 2-D fp32 CPU tensor");
 }
 
-// rows per task: enough that a fork pays (a few microseconds) on small decode batches
+// rows (heads for rope) per task: enough that a fork pays (a few microseconds) on small decode batches
 int64_t grain(int64_t row_floats) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_floats)); }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -106,7 +106,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2);
-  at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, T * D)), [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B * H, grain(T * D), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
       for (int64_t t = 0; t < T; ++t) {

@@ -212,15 +212,12 @@ void xt_rows(const float* xT, int64_t Mp, int64_t M, int64_t K, const float* w, 
   constexpr int R = 12 / MV;
   alignas(32) float out[12 * 8];
   auto run = [&](int rows, int64_t n) {
-    for (int64_t m0 = 0; m0 < Mp; m0 += 8 * MV) {
-      const int64_t mv = std::min<int64_t>(MV, (Mp - m0) / 8);
-      if (rows == R && mv == MV) xt_micro<R, MV>(xT + m0, Mp, K, w + n * K, K, out);
-      else if (rows == R) xt_micro<R, 1>(xT + m0, Mp, K, w + n * K, K, out);  // MV = 2: a 1-vector last chunk
-      else if (mv == MV) xt_micro<1, MV>(xT + m0, Mp, K, w + n * K, K, out);
-      else xt_micro<1, 1>(xT + m0, Mp, K, w + n * K, K, out);
+    for (int64_t m0 = 0; m0 < Mp; m0 += 8 * MV) {  // Mp is a multiple of 8 * MV (xt_gemm's dispatch)
+      if (rows == R) xt_micro<R, MV>(xT + m0, Mp, K, w + n * K, K, out);
+      else xt_micro<1, MV>(xT + m0, Mp, K, w + n * K, K, out);
       for (int r = 0; r < rows; ++r) {
         const float b = bias ? bias[n + r] : 0.f;
-        for (int64_t i = 0; i < 8 * mv && m0 + i < M; ++i) y[(m0 + i) * N + n + r] = out[(r * mv) * 8 + i] + b;
+        for (int64_t i = 0; i < 8 * MV && m0 + i < M; ++i) y[(m0 + i) * N + n + r] = out[r * MV * 8 + i] + b;
       }
     }
   };
@@ -241,7 +238,7 @@ void xt_gemm(const float* x, int64_t M, int64_t K, const float* w, int64_t N, co
     switch (vectors) {
       case 1: xt_rows<1>(xT.data(), Mp, M, K, w, N, bias, y, n0, n1); break;
       case 3: xt_rows<3>(xT.data(), Mp, M, K, w, N, bias, y, n0, n1); break;
-      default: xt_rows<2>(xT.data(), Mp, M, K, w, N, bias, y, n0, n1); break;
+      default: xt_rows<2>(xT.data(), Mp, M, K, w, N, bias, y, n0, n1); break;  // 2 vectors, or 4 in two passes
     }
   });
 }
