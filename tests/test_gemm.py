@@ -72,11 +72,17 @@ def test_gemm_opcheck():
 
 
 @pytest.mark.parametrize("plan,expected", [
-    ({8: "gemv", 16: "gemm", 32: "gemm", 64: "own", 128: "gemm", 256: "own"}, (8, 128)),  # up to its last win
-    ({8: "gemm", 16: "gemv", 32: "gemm"}, (4, 32)),  # the GEMV only while it wins from the start
-    ({8: "own", 16: "gemm"}, (4, 16)),
-    ({8: "own", 16: "own"}, (4, 0)),
-    ({8: "gemv", 16: "gemv", 32: "gemv", 64: "gemv"}, (64, 0)),
+    ({8: "gemv", 16: "gemm", 32: "gemm", 64: "own", 128: "gemm", 512: "own"}, (8, 128, 0)),  # up to its last win
+    ({8: "gemm", 16: "gemv", 32: "gemm"}, (4, 32, 0)),  # the GEMV only while it wins from the start
+    ({8: "own", 16: "gemm"}, (4, 16, 0)),
+    ({8: "own", 16: "own"}, (4, 0, 0)),
+    ({8: "gemv", 16: "gemv", 32: "gemv", 64: "gemv"}, (64, 0, 0)),
+    # oneDNN from just past the last bucket it did not win, if it won every bucket from there up
+    ({8: "gemv", 16: "gemm", 32: "own", 64: "onednn", 128: "onednn", 512: "onednn"}, (8, 16, 33)),
+    ({8: "gemv", 16: "gemm", 32: "onednn", 64: "own", 128: "onednn", 512: "onednn"}, (8, 16, 65)),
+    ({8: "gemv", 16: "onednn", 32: "gemm", 512: "onednn"}, (8, 32, 33)),  # not below the GEMM's last win
+    ({8: "gemv", 16: "gemm", 128: "onednn", 512: "own"}, (8, 16, 0)),  # lost at the most rows: never
+    ({8: "onednn", 16: "onednn", 512: "onednn"}, (4, 0, 5)),
 ])
 def test_row_kernels_split_the_measured_plan(plan, expected, monkeypatch):
     from miaotui.compress.quant import kernels as choice
@@ -87,23 +93,26 @@ def test_row_kernels_split_the_measured_plan(plan, expected, monkeypatch):
     assert row_kernels(lin, lin.forward) == expected
 
 
-def test_linear_routes_rows_to_gemv_gemm_and_its_own_forward(monkeypatch):
-    from miaotui.kernels import linear
+def test_linear_routes_rows_to_gemv_gemm_onednn_and_its_own_forward(monkeypatch):
+    from miaotui.kernels import linear, onednn
 
+    if not onednn.available():
+        pytest.skip("this PyTorch build has no oneDNN linear")
     lin = torch.nn.Linear(40, 24).requires_grad_(False)  # inference weights; autograd: see below
     lin.__class__ = linear.GemvLinear
-    lin.gemv_rows, lin.gemm_rows = 4, 16
+    lin.gemv_rows, lin.gemm_rows, lin.onednn_rows = 4, 16, 24
     calls = []
-    for name in ("dense_gemv", "dense_gemm"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
-    for rows in (3, 4, 5, 16, 17):
+    for module, name in ((kernels, "dense_gemv"), (kernels, "dense_gemm"), (onednn, "linear")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
+    for rows in (3, 4, 5, 16, 17, 23, 24, 300):
         x = torch.randn(rows, 40)
         close(lin(x), x.double() @ lin.weight.double().t() + lin.bias.double())
-    assert calls == ["dense_gemv", "dense_gemv", "dense_gemm", "dense_gemm"]  # 17 rows: nn.Linear's forward
-    x = torch.randn(5, 40, requires_grad=True)
+    # 17 and 23 rows: nn.Linear's forward
+    assert calls == ["dense_gemv", "dense_gemv", "dense_gemm", "dense_gemm", "linear", "linear"]
+    x = torch.randn(30, 40, requires_grad=True)
     lin(x).sum().backward()  # autograd keeps PyTorch's path
-    assert x.grad is not None and len(calls) == 4
+    assert x.grad is not None and len(calls) == 6
 
 
 def test_measured_choice_on_a_real_shape_is_consistent():
@@ -115,9 +124,12 @@ def test_measured_choice_on_a_real_shape_is_consistent():
     assert use_native_gemv(model, measure=True) in (0, 1)
     lin = model[0]
     if type(lin) is torch.nn.Linear:
-        pytest.skip("the native GEMV lost to PyTorch on one row here")
-    assert GEMV_ROWS <= lin.gemv_rows <= 64 and lin.gemm_rows in (0, *ROW_BUCKETS)
+        pytest.skip("neither the native kernels nor oneDNN beat PyTorch here")
+    # gemv_rows 0: the native GEMV lost on one row, and the module was swapped for oneDNN's many rows
+    assert (lin.gemv_rows == 0 < lin.onednn_rows or GEMV_ROWS <= lin.gemv_rows <= 64) and lin.gemm_rows in (0, *ROW_BUCKETS)
+    assert lin.onednn_rows == 0 or lin.onednn_rows > max(lin.gemv_rows, lin.gemm_rows)
     with torch.no_grad():
-        for rows in sorted({1, lin.gemv_rows, lin.gemv_rows + 1, max(lin.gemm_rows, 1), lin.gemm_rows + 1, 600}):
+        for rows in sorted({1, lin.gemv_rows, lin.gemv_rows + 1, max(lin.gemm_rows, 1), lin.gemm_rows + 1,
+                            max(lin.onednn_rows, 1), 600}):
             x = torch.randn(rows, 256)
             torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)

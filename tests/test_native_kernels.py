@@ -257,8 +257,15 @@ def test_dense_swap_keeps_pytorch_where_it_measures_faster(monkeypatch):
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 8).bfloat16())
     monkeypatch.setattr(choice, "native_faster", lambda *args, **kwargs: False)
+    # nor does oneDNN win at any row count: PyTorch's forward everywhere
+    monkeypatch.setattr(choice, "fastest_by_rows", lambda key, cands, *a, **k: {n: "own" for n in (8, 512)})
     assert use_native_gemv(model) == 0 and type(model[0]) is torch.nn.Linear
+    # oneDNN wins the many-row products: swapped, one row still PyTorch's (no native GEMV)
+    monkeypatch.setattr(choice, "fastest_by_rows", lambda key, cands, *a, **k: {8: "own", 512: "onednn"})
+    assert use_native_gemv(model) == 2 and all(type(m) is GemvLinear for m in model)
+    assert [(m.gemv_rows, m.gemm_rows, m.onednn_rows) for m in model] == [(0, 0, 9)] * 2
     monkeypatch.setattr(choice, "native_faster", lambda *args, **kwargs: True)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 8).bfloat16())
     assert use_native_gemv(model) == 2 and all(type(m) is GemvLinear for m in model)
 
 

@@ -168,6 +168,9 @@ def build_checkpoint_model(cfg: dict, manifest: dict, tensors: dict[str, torch.T
     return model.eval().requires_grad_(False)
 
 
+ALIGN = 64  # bytes: what PyTorch's own CPU allocations guarantee, and vector kernels may assume
+
+
 def read_checkpoint(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     """(manifest, config, tensors) of a checkpoint folder, the weights checked against the manifest's sha256."""
     from safetensors import SafetensorError
@@ -188,7 +191,9 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"{weights}: unreadable safetensors file ({e})") from None
-    return manifest, cfg, tensors
+    # the tensors map the file, where safetensors aligns each to 8 bytes only; PyTorch's AVX-512 int8 weight
+    # kernel (_weight_int8pack_mm) uses aligned 16-byte loads and crashed on such a weight: copy those
+    return manifest, cfg, {name: t.clone() if t.data_ptr() % ALIGN else t for name, t in tensors.items()}
 
 
 def load_checkpoint(path: Path, dtype: torch.dtype, progress: bool = False):

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from miaotui import kernels
+from miaotui.cpu import has_native_bf16
 from miaotui.errors import ModelLoadError
+from miaotui.models.blocked_attention import blocked_causal_attention
 
 
 class RMSNorm(nn.Module):
@@ -212,6 +214,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch
         if window is not None:  # the newest position sees exactly the last `window` keys
             k, v = k[:, :, -window:], v[:, :, -window:]
         return decode_attention(q, k, v, scale)
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and has_native_bf16():
+        return blocked_causal_attention(q, k, v, start, scale, window)  # 2-2.5x SDPA's bf16 kernel here
     mask = attention_mask(t, start, window, q.device)
     causal = mask is None
     gqa = k.shape[1] != h
