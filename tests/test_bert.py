@@ -360,3 +360,19 @@ def test_prepared_encoder_takes_native_kernels_for_few_rows(folder, native_prefe
     for m in linears:
         m.gemv_rows = m.gemm_rows = m.onednn_rows = 0  # every row count to nn.Linear's forward
     torch.testing.assert_close(native, torch.as_tensor(enc.encode(texts)), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_encoder_attends_with_the_native_kernel_and_agrees_with_fp32(folder):
+    """bf16 activations are widened for the fp32 varlen attention kernel (faster than SDPA's bf16 one on a
+    CPU with bf16 instructions); the embeddings stay those of fp32 up to bf16 rounding."""
+    from miaotui import kernels
+
+    if not kernels.available():
+        pytest.skip("native kernels do not build on this machine")
+    path, _ = folder("bert")
+    bf16 = Encoder(path, dtype="bf16")
+    assert all(layer.attention.native for layer in bf16.model.layers)
+    texts = TEXTS * 3
+    got = torch.as_tensor(bf16.encode(texts)).double()
+    ref = torch.as_tensor(Encoder(path).encode(texts)).double()
+    assert torch.nn.functional.cosine_similarity(got, ref).min() > 0.999

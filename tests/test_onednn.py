@@ -40,3 +40,32 @@ def test_a_non_contiguous_input_is_multiplied_as_it_reads():
     x = torch.randn(40, 30, generator=g).t()  # (30, 40), transposed storage
     w = torch.randn(16, 40, generator=g)
     torch.testing.assert_close(onednn.linear(x, w), x @ w.t(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation,fn", [("gelu_new", lambda y: F.gelu(y, approximate="tanh")), ("relu", F.relu)])
+def test_other_epilogues_match_their_activation(activation, fn):
+    g = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(20, 32, generator=g), torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    ref = fn(F.linear(x.double(), w.double(), b.double()))
+    torch.testing.assert_close(onednn.linear(x, w, b, activation).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_prepared_linear_fuses_the_activation_only_on_onednns_path(monkeypatch):
+    from miaotui.kernels.linear import GemvLinear
+
+    lin = torch.nn.Linear(32, 48).requires_grad_(False)
+    lin.__class__ = GemvLinear
+    lin.gemv_rows, lin.gemm_rows, lin.onednn_rows = 0, 0, 10
+    fused = []
+    real = onednn.linear
+    monkeypatch.setattr(onednn, "linear", lambda *a: fused.append(a[3:]) or real(*a))
+    for rows in (4, 10, 64):
+        x = torch.randn(rows, 32)
+        got = lin.forward_activated(x, "gelu", F.gelu)
+        ref = F.gelu(F.linear(x.double(), lin.weight.double(), lin.bias.double()))
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    # 4 rows: nn.Linear's forward, then the activation; from 10 rows the epilogue
+    assert fused == [("gelu",), ("gelu",)]
+    x = torch.randn(64, 32)
+    lin.forward_activated(x, "silu", F.silu)  # an activation oneDNN's epilogue does not take: the plain product
+    assert fused[-1] == ()

@@ -7,9 +7,10 @@
   9.3 s vs 1.64 s), so the linears compute in fp32 from the bf16 weights (1.68 s): bf16 then saves memory,
   not time. CPUs with native bf16 keep the bf16 kernels.
 - attention by the native varlen kernel (``kernels.varlen_attention``) on the packed tokens, where it runs:
-  CPU, head_dim a multiple of 8, fp32 compute (bf16 on a CPU with bf16 instructions keeps SDPA). On
-  all-MiniLM-L6-v2's shapes (32 sequences of 100-256 tokens) it takes 24-27 ms a layer against SDPA's 51-56
-  ms with the gathers around it.
+  CPU, head_dim a multiple of 8. On all-MiniLM-L6-v2's shapes (32 sequences of 100-256 tokens) it takes
+  24-27 ms a layer against SDPA's 51-56 ms with the gathers around it (AVX2 VM). It computes in fp32; bf16
+  activations are widened for it, which still beat SDPA's bf16 kernel on a CPU with bf16 instructions
+  (the AVX-512 Zen 5 VM: 100 paragraphs 113 -> 142 texts/s, docs/BENCHMARKS.md, session 10).
 - dense linears of few rows (a single short input: one row per token) by the native GEMV or GEMM where
   they measured faster than MKL per shape (``kernels/linear.py``); batches of many texts keep MKL.
 """
@@ -30,12 +31,10 @@ def prepare_encoder(model: BertEncoder) -> BertEncoder:
     model.fuse()
     prepare_quantized(model)  # a compressed checkpoint: each quantized linear picks its kernel by measurement
     weight = model.embeddings.word_embeddings.weight
-    fp32_compute = weight.dtype == torch.float32
     if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and has_native_bf16() is False:
         upcast_many_row_matmuls(model)
-        fp32_compute = True
     use_native_dense(model)  # CPU linears only; MIAOTUI_NATIVE_DENSE=0 keeps PyTorch's
-    if weight.device.type == "cpu" and fp32_compute and model.args.head_dim % 8 == 0 and kernels.available():
+    if weight.device.type == "cpu" and model.args.head_dim % 8 == 0 and kernels.available():
         for layer in model.layers:
             layer.attention.native = True
     return model

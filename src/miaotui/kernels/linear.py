@@ -59,9 +59,20 @@ class GemvMixin:
                 return kernels.dense_gemv(x, self.weight, self.bias)
             if rows <= self.gemm_rows:
                 return kernels.dense_gemm(x, self.weight, self.bias)
-            if 0 < self.onednn_rows <= rows and x.dtype == self.weight.dtype:
+            if self._takes_onednn(x, rows):
                 return onednn.linear(x, self.weight, self.bias)
         return super().forward(x)  # type: ignore[misc]
+
+    def _takes_onednn(self, x: torch.Tensor, rows: int) -> bool:
+        return 0 < self.onednn_rows <= rows and x.dtype == self.weight.dtype
+
+    def forward_activated(self, x: torch.Tensor, activation: str, fn) -> torch.Tensor:
+        """``fn(self(x))``, where ``fn`` is the activation named ``activation``; on oneDNN's path an activation
+        it knows (``onednn.EPILOGUES``) runs in the matmul's epilogue instead of a pass of its own."""
+        if (activation in onednn.EPILOGUES and not (x.requires_grad or self.weight.requires_grad)
+                and self._takes_onednn(x, x.numel() // x.shape[-1])):
+            return onednn.linear(x, self.weight, self.bias, activation)
+        return fn(self(x))
 
 
 class GemvLinear(GemvMixin, nn.Linear):

@@ -17,8 +17,10 @@ import functools
 
 import torch
 
-# oneDNN post-ops the fused epilogue takes: BERT's "gelu" is the exact erf form, oneDNN's "none" algorithm
-EPILOGUES = {"gelu": ("gelu", "none")}
+# activations (transformers' hidden_act names) → oneDNN post-op and algorithm: BERT's "gelu" is the exact
+# erf form, oneDNN's "none" algorithm; the tanh approximations are its "tanh"
+EPILOGUES = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
+             "relu": ("relu", "")}
 
 
 @functools.cache

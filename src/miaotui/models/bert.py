@@ -148,7 +148,7 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(c, c)
         self.qkv: nn.Linear | None = None  # set by fuse(): one matmul instead of three
         self.qkv_split: list[int] = []
-        self.native = False  # set by encoder/prepare.py where the native varlen kernel runs (CPU, fp32)
+        self.native = False  # set by encoder/prepare.py where the native varlen kernel runs (CPU)
 
     def fuse(self) -> None:
         self.qkv, self.qkv_split = fuse_linears([self.query, self.key, self.value])
@@ -166,7 +166,9 @@ class SelfAttention(nn.Module):
             return self.out(qkv)
         heads = width // self.head_dim
         if self.native and not qkv.requires_grad:  # no autograd through the native op
-            return self.out(kernels.varlen_attention(qkv, cu_seqlens, heads, self.head_dim ** -0.5))
+            # an fp32 kernel: bf16 activations are widened for it (still faster than SDPA's bf16 kernel)
+            y = kernels.varlen_attention(qkv.float(), cu_seqlens, heads, self.head_dim ** -0.5)
+            return self.out(y.to(qkv.dtype))
         if pad_index is None:  # one sequence: no padding at all
             q, k, v = qkv.view(1, -1, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × (1, H, N, D)
             return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, width))
@@ -186,12 +188,15 @@ class Layer(nn.Module):
         self.intermediate = nn.Linear(a.hidden_size, a.intermediate_size)
         self.output = nn.Linear(a.intermediate_size, a.hidden_size)
         self.output_norm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
+        self.act_name = a.hidden_act
         self.act = ACTIVATIONS[a.hidden_act]
 
     def forward(self, x: torch.Tensor, layout: tuple) -> torch.Tensor:
         # post-norm, as in the original BERT
         x = self.attention_norm(x + self.attention(x, layout))
-        return self.output_norm(x + self.output(self.act(self.intermediate(x))))
+        fused = getattr(self.intermediate, "forward_activated", None)  # a prepared linear: maybe in the epilogue
+        h = fused(x, self.act_name, self.act) if fused is not None else self.act(self.intermediate(x))
+        return self.output_norm(x + self.output(h))
 
 
 class Embeddings(nn.Module):
