@@ -64,13 +64,14 @@ class GemvMixin:
         return super().forward(x)  # type: ignore[misc]
 
     def _takes_onednn(self, x: torch.Tensor, rows: int) -> bool:
+        """Whether ``rows`` rows of inference input ``x`` go to oneDNN (autograd is checked by the caller)."""
         return 0 < self.onednn_rows <= rows and x.dtype == self.weight.dtype
 
     def forward_activated(self, x: torch.Tensor, activation: str, fn) -> torch.Tensor:
         """``fn(self(x))``, where ``fn`` is the activation named ``activation``; on oneDNN's path an activation
         it knows (``onednn.EPILOGUES``) runs in the matmul's epilogue instead of a pass of its own."""
-        if (activation in onednn.EPILOGUES and not (x.requires_grad or self.weight.requires_grad)
-                and self._takes_onednn(x, x.numel() // x.shape[-1])):
+        inference = not (x.requires_grad or self.weight.requires_grad)
+        if activation in onednn.EPILOGUES and inference and self._takes_onednn(x, x.numel() // x.shape[-1]):
             return onednn.linear(x, self.weight, self.bias, activation)
         return fn(self(x))
 
@@ -94,8 +95,10 @@ def use_native_gemv(model: nn.Module, classes: dict[type, type] | None = None, m
     classes = classes or {nn.Linear: GemvLinear}
     candidates = [m for m in model.modules() if type(m) in classes and m.weight.device.type == "cpu"
                   and m.weight.dtype in (torch.float32, torch.bfloat16) and m.weight.is_contiguous()]
-    native_ok = kernels.available() if candidates else False
-    if not candidates or not (native_ok or (measure and onednn.available())):
+    if not candidates:
+        return 0
+    native_ok = kernels.available()
+    if not (native_ok or (measure and onednn.available())):
         return 0
     # timed as they will run: weights that together overflow the cache come from memory every step
     cold = sum(m.weight.nbytes for m in candidates) > cache_bytes()

@@ -46,9 +46,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            activation: str | None = None) -> torch.Tensor:
     """x · weightᵀ + bias (then ``activation``, one of ``EPILOGUES``) for x of any leading shape; x, weight
     and bias of one dtype (fp32 or bf16). No autograd."""
-    rows = x.reshape(-1, x.shape[-1])
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
     attr, algorithm = EPILOGUES[activation] if activation else ("none", "")
     y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, attr, [], algorithm)
     return y.reshape(*x.shape[:-1], weight.shape[0])

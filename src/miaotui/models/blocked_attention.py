@@ -35,10 +35,10 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         scores = torch.matmul(rows, k[:, :, lo:end].transpose(-1, -2)).view(b, hkv, g, c, end - lo)
         if window is None:  # only the block's own c keys can lie ahead of a query
             scores[..., end - lo - c:].masked_fill_(ahead[:c, :c], float("-inf"))
-        else:
-            q_pos = torch.arange(start + s, start + e)[:, None]
-            k_pos = torch.arange(lo, end)[None, :]
-            scores.masked_fill_((k_pos > q_pos) | (k_pos <= q_pos - window), float("-inf"))
+        else:  # the block's queries against keys [0, end), as SDPA's path masks them, from lo on
+            from miaotui.models.base import attention_mask  # base imports this module
+
+            scores.masked_fill_(~attention_mask(c, start + s, window, q.device)[:, lo:], float("-inf"))
         # PyTorch's CPU softmax of bf16 computes in fp32 and rounds the result: what the second matmul reads
         probs = torch.softmax(scores, dim=-1).view(b, hkv, g * c, end - lo)
         grouped_out[:, :, :, s:e] = torch.matmul(probs, v[:, :, lo:end]).view(b, hkv, g, c, d)
