@@ -21,6 +21,11 @@ ARCHS = {
                       "original_max_position_embeddings": 64})),
     "llama-linear-rope": ("LlamaConfig", "LlamaForCausalLM", dict(
         TINY, num_key_value_heads=1, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    # head_dim apart from hidden / heads (as Gemma, Qwen3): 64 and 128 take the native step's register-resident
+    # attention paths (4 and 8 vectors per head with AVX-512), 16 above its general loop
+    "llama-head-dim-64": ("LlamaConfig", "LlamaForCausalLM", dict(TINY, num_key_value_heads=2, head_dim=64)),
+    "llama-head-dim-128": ("LlamaConfig", "LlamaForCausalLM", dict(TINY, num_key_value_heads=1, head_dim=128,
+                                                                    num_attention_heads=2)),
     "mistral-sliding": ("MistralConfig", "MistralForCausalLM", dict(TINY, num_key_value_heads=2,
                                                                      sliding_window=16)),
     "qwen2-bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(TINY, num_key_value_heads=2,

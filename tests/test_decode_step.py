@@ -67,7 +67,8 @@ def steps_agree(model, n_steps: int = 24, tol: float = 2e-5, cache_dtype: torch.
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa-untied", "llama-mha-tied", "llama3-rope-scaling",
-                                  "llama-linear-rope", "mistral-sliding", "qwen2-bias"])
+                                  "llama-linear-rope", "mistral-sliding", "qwen2-bias", "llama-head-dim-64",
+                                  "llama-head-dim-128"])
 def test_native_step_equals_eager_fp32(hf_folder, arch):
     steps_agree(tiny(hf_folder, arch))  # mistral-sliding: window 16, so positions 8..31 cross it
 
@@ -89,10 +90,12 @@ def test_native_step_grouped_int8(hf_folder, native_preferred):
     steps_agree(model, tol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa-untied", "mistral-sliding"])
+@pytest.mark.parametrize("arch", ["llama-gqa-untied", "mistral-sliding", "llama-head-dim-64"])
 @pytest.mark.parametrize("fmt", ["fp32", "int4"])
-def test_several_tokens_in_one_call_equal_the_model_forward(hf_folder, native_preferred, arch, fmt):
-    """A speculative verify: T tokens at pos .. pos+T-1 attend causally to the cache and to each other."""
+@pytest.mark.parametrize("n", [6, 9])
+def test_several_tokens_in_one_call_equal_the_model_forward(hf_folder, native_preferred, arch, fmt, n):
+    """A speculative verify: T tokens at pos .. pos+T-1 attend causally to the cache and to each other
+    (9 rows: the dense GEMV's two passes per weight row)."""
     model = tiny(hf_folder, arch)
     if fmt == "int4":
         quantize_all(model, 4, 32)
@@ -100,7 +103,7 @@ def test_several_tokens_in_one_call_equal_the_model_forward(hf_folder, native_pr
     model.setup_cache(batch=1, max_seq_len=64)
     step, why = NativeDecode.build(model)
     assert step is not None, why
-    block = torch.tensor([[11, 250, 3, 64, 99, 7]])
+    block = torch.tensor([[11, 250, 3, 64, 99, 7, 140, 2, 301][:n]])
     with torch.inference_mode():
         model(torch.tensor([PROMPT * 2]), 0)  # 16 cached positions: the window (16) cuts into them
         native = step(block, 16)

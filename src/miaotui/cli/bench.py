@@ -12,6 +12,9 @@ miaotui:fp32@out/int4; append +compile to compile one of them, e.g. miaotui:bf16
 compare compiled and eager in one run), hf:fp32, hf:bf16 (transformers `generate`), llama.cpp (the GGUF file
 through llama-cpp-python; install the `peers` extra, skipped with a note when absent), llama.cpp:f32 (an F32
 copy of the GGUF, written once with the gguf package: the same weights as miaotui:fp32).
+
+--rounds N runs the engine list N times in rotated order and keeps each figure's median over the rounds
+(bench/rounds.py): on a shared machine whose bandwidth drifts, that keeps the ratios between engines steady.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from miaotui.bench.rounds import run_rounds
+from miaotui.cli.common import positive_int
 from miaotui.errors import MiaotuiError
 
 DEFAULT_ENGINES = "miaotui:fp32,miaotui:bf16,hf:fp32,hf:bf16,llama.cpp,llama.cpp:f32"
@@ -53,6 +58,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=128, metavar="N",
                    help="new tokens for the decode measurement (default: 128)")
     p.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per figure; the median is kept (default: 3)")
+    p.add_argument("--rounds", type=positive_int, default=1, metavar="N",
+                   help="run the engine list N times, each round in a rotated order, and keep each figure's median "
+                        "over the rounds: engines measured in alternation see the same spread of a shared machine's "
+                        "speed, so their ratios hold still (default: 1; the encoder bench alternates its engines "
+                        "within each repeat already)")
     p.add_argument("--concurrency", default="8,32", metavar="N,N,...",
                    help="throughput: submit N requests at once (mixed prompt 32-256 / output 32-128 tokens) and "
                         "report aggregate tok/s; '' skips it (default: 8,32)")
@@ -136,21 +146,21 @@ def collect(args: argparse.Namespace) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="miaotui-bench-"))
     prompts = workdir / "prompts.json"
     _write_prompts(args, ints, prompts)
-    results, skipped = [], []
+    specs, skipped = [], []
     for spec in [s.strip() for s in args.engines.split(",") if s.strip()]:
         reason = _cannot_run(spec, args.model)
         if reason:
             skipped.append(f"{spec}: {reason}")
             print(f"[bench] skipping {skipped[-1]}", file=sys.stderr)
-            continue
-        print(f"[bench] {spec} ...", file=sys.stderr, flush=True)
-        r = _run_engine(spec, args, prompts)
-        if r is not None:
-            results.append(r)
+        else:
+            specs.append(spec)
+    results = run_rounds(specs, args.rounds, lambda spec: _run_engine(spec, args, prompts),
+                         log=lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True))
     from miaotui.cpu import cpu_features
 
     return {"bandwidth_gb_s": bandwidth / 1e9, "threads": args.threads, "torch": torch.__version__,
-            "cpu_features": cpu_features(), "prefill_lengths": lengths, "results": results, "skipped": skipped}
+            "cpu_features": cpu_features(), "prefill_lengths": lengths, "rounds": args.rounds, "results": results,
+            "skipped": skipped}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <limits>
+#include <new>
 #include <vector>
 
 #include "gemv_kernels.h"
@@ -42,6 +43,23 @@ struct Layer {
   int64_t qkv, o, gate_up, down;         // indices into the plan's linears
 };
 
+// Activation buffers start on a cache line: the GEMVs load each row of x once per weight vector (six times
+// per weight load at six rows), and an unaligned 64-byte load touches two lines. With malloc's 16-byte
+// alignment a 6-row verify step took 2x the time of the same products on aligned input.
+template <class T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <class U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+};
+template <class T>
+using Buffer = std::vector<T, LineAligned<T>>;
+
 inline float cache_load(const float* p) { return *p; }
 inline float cache_load(const c10::BFloat16* p) { return static_cast<float>(*p); }
 
@@ -54,13 +72,6 @@ inline float dot(const float* q, const T* k, int64_t D) {
   vf acc = vzero();
   for (int64_t d = 0; d < D; d += kLanes) acc = vfma(vload(q + d), cache_vload(k + d), acc);
   return vsum(acc);
-}
-
-void rms_norm(const float* x, const float* w, int64_t C, double eps, float* out) {
-  float ss = 0.f;
-  for (int64_t c = 0; c < C; ++c) ss += x[c] * x[c];
-  const float r = 1.f / std::sqrt(ss / float(C) + float(eps));
-  for (int64_t c = 0; c < C; ++c) out[c] = w[c] * (x[c] * r);
 }
 
 // rotate-half RoPE on one head, in place (cos/sin rows laid out as in models/base.rope_tables)
@@ -171,8 +182,8 @@ class DecodePlan : public torch::CustomClassHolder {
   // What each thread keeps to itself: the residual stream and every small vector op are computed by all
   // threads redundantly (a few microseconds) rather than by one thread behind two barriers.
   struct Scratch {
-    std::vector<float> x, h, act, q, kv, scores, xsc, xsum;  // xsc/xsum/xq: int4 activations
-    std::vector<int16_t> xq;
+    Buffer<float> x, h, act, q, kv, scores, xsc, xsum;  // xsc/xsum/xq: int4 activations
+    Buffer<int16_t> xq;
   };
 
   // the product y = W · in for one linear: this thread's share of the output tiles
@@ -219,6 +230,26 @@ class DecodePlan : public torch::CustomClassHolder {
     int4q_activations(in, M, l.K, l.group, sc.xq.data(), sc.xsc.data(), sc.xsum.data());
   }
 
+  // out[0, NV * kLanes) = sum over positions s in [first, at] of p_s v_s, p_s = scores[s] * inv: cached
+  // values before `pos`, this call's new rows (v_new(s)) from there. Positions outer, NV accumulators: a
+  // chain of dependent FMAs per vector of the head would wait out the FMA latency at every position.
+  template <int NV, class T, class NewV>
+  static void weighted_sum(const float* scores, float inv, const T* vh, int64_t first, int64_t pos, int64_t at,
+                           const NewV& v_new, float* out) {
+    constexpr int64_t D = NV * kLanes;
+    vf acc[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = vzero();
+    for (int64_t s = first; s < std::min(pos, at + 1); ++s) {
+      const vf p = vset1(scores[s] * inv);
+      for (int j = 0; j < NV; ++j) acc[j] = vfma(p, cache_vload(vh + s * D + j * kLanes), acc[j]);
+    }
+    for (int64_t s = std::max(first, pos); s <= at; ++s) {
+      const vf p = vset1(scores[s] * inv);
+      for (int j = 0; j < NV; ++j) acc[j] = vfma(p, vload(v_new(s) + j * kLanes), acc[j]);
+    }
+    for (int j = 0; j < NV; ++j) vstore(out + j * kLanes, acc[j]);
+  }
+
   // This thread's query heads for each of the M new rows: row m (position pos + m) attends to cached
   // positions [first, pos) and to the new rows 0..m, read from `sc.kv` (the thread's own RoPE'd,
   // cache-rounded copy) rather than the cache, so no barrier waits for the write.
@@ -252,12 +283,18 @@ class DecodePlan : public torch::CustomClassHolder {
         for (int64_t s = first; s <= at; ++s) total += (scores[s] = std::exp(scores[s] - mx));
         const float inv = 1.f / total;
         float* oh = out + m * qw + h * D_;
-        for (int64_t d = 0; d < D_; d += kLanes) {
-          vf acc = vzero();
-          for (int64_t s = first; s < std::min(pos, at + 1); ++s)
-            acc = vfma(vset1(scores[s] * inv), cache_vload(vh + s * D_ + d), acc);
-          for (int64_t s = std::max(first, pos); s <= at; ++s) acc = vfma(vset1(scores[s] * inv), vload(v_new(s) + d), acc);
-          vstore(oh + d, acc);
+        switch (D_ / kLanes) {  // the common head sizes keep the output row in registers
+          case 4: weighted_sum<4>(scores, inv, vh, first, pos, at, v_new, oh); break;
+          case 8: weighted_sum<8>(scores, inv, vh, first, pos, at, v_new, oh); break;
+          default:
+            for (int64_t d = 0; d < D_; d += kLanes) {
+              vf acc = vzero();
+              for (int64_t s = first; s < std::min(pos, at + 1); ++s)
+                acc = vfma(vset1(scores[s] * inv), cache_vload(vh + s * D_ + d), acc);
+              for (int64_t s = std::max(first, pos); s <= at; ++s)
+                acc = vfma(vset1(scores[s] * inv), vload(v_new(s) + d), acc);
+              vstore(oh + d, acc);
+            }
         }
       }
     }
@@ -268,7 +305,7 @@ class DecodePlan : public torch::CustomClassHolder {
     const int64_t C = C_, S = layers_[0].k.size(2), qw = H_ * D_, kvw = Hkv_ * D_;
     // shared outputs, one buffer per stage: a stage's buffer is rewritten only a layer later, after the
     // barriers that follow every read of it
-    std::vector<float> qkv(M * qkv_n_), attn(M * qw), o_out(M * C), gate_up(M * gate_up_n_), down_out(M * C);
+    Buffer<float> qkv(M * qkv_n_), attn(M * qw), o_out(M * C), gate_up(M * gate_up_n_), down_out(M * C);
     const Linear& head = linears_[head_];
     at::Tensor logits = at::empty({M, head.N}, x_in.options());
     float* y = logits.data_ptr<float>();
@@ -285,9 +322,10 @@ class DecodePlan : public torch::CustomClassHolder {
       sc.kv.resize(M * 2 * kvw);
       sc.scores.resize(S);
       auto norm_rows = [&](const at::Tensor& w) {
-        for (int64_t m = 0; m < M; ++m) rms_norm(sc.x.data() + m * C, w.data_ptr<float>(), C, eps_, sc.h.data() + m * C);
+        for (int64_t m = 0; m < M; ++m)
+          rms_norm_row(sc.x.data() + m * C, w.data_ptr<float>(), C, float(eps_), sc.h.data() + m * C);
       };
-      auto add_rows = [&](const std::vector<float>& d) {
+      auto add_rows = [&](const Buffer<float>& d) {
         for (int64_t i = 0; i < M * C; ++i) sc.x[i] += d[i];
       };
       for (const Layer& L : layers_) {
@@ -328,10 +366,7 @@ class DecodePlan : public torch::CustomClassHolder {
 #pragma omp barrier
         const int64_t I = lg.N / 2;  // SiLU(gate) * up; gate is the first half of each fused output row
         for (int64_t m = 0; m < M; ++m)
-          for (int64_t i = 0; i < I; ++i) {
-            const float g = gate_up[m * lg.N + i];
-            sc.act[m * I + i] = g / (1.f + std::exp(-g)) * gate_up[m * lg.N + I + i];
-          }
+          silu_mul_row(gate_up.data() + m * lg.N, gate_up.data() + m * lg.N + I, I, sc.act.data() + m * I);
         prepare_input(ld, sc.act.data(), M, sc);
         gemv(ld, sc.act.data(), M, sc, down_out.data(), tid, nth);
 #pragma omp barrier

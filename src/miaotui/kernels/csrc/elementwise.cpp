@@ -16,12 +16,9 @@
 
 #include <cmath>
 
-#include "gemv_kernels.h"  // hsum256, exp_nonpositive
+#include "gemv_kernels.h"  // rms_norm_row, silu_mul_row
 
 namespace {
-
-using miaotui_kernels::exp_nonpositive;
-using miaotui_kernels::hsum256;
 
 void check_rows(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
@@ -41,38 +38,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   float* yp = y.data_ptr<float>();
   const float e = static_cast<float>(eps);
   at::parallel_for(0, R, grain(C), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * C;
-      float* yr = yp + r * C;
-      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-      int64_t c = 0;
-      for (; c + 16 <= C; c += 16) {
-        const __m256 a = _mm256_loadu_ps(xr + c), b = _mm256_loadu_ps(xr + c + 8);
-        s0 = _mm256_fmadd_ps(a, a, s0);
-        s1 = _mm256_fmadd_ps(b, b, s1);
-      }
-      float ss = hsum256(_mm256_add_ps(s0, s1));
-      for (; c < C; ++c) ss += xr[c] * xr[c];
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(C) + e);
-      const __m256 vi = _mm256_set1_ps(inv);
-      for (c = 0; c + 8 <= C; c += 8)  // normalised first, then scaled: PyTorch's rounding order
-        _mm256_storeu_ps(yr + c, _mm256_mul_ps(_mm256_loadu_ps(wp + c), _mm256_mul_ps(_mm256_loadu_ps(xr + c), vi)));
-      for (; c < C; ++c) yr[c] = wp[c] * (xr[c] * inv);
-    }
+    for (int64_t r = r0; r < r1; ++r) miaotui_kernels::rms_norm_row(xp + r * C, wp, C, e, yp + r * C);
   });
   return y;
 }
-
-// silu(g) = g / (1 + e^-g), from e^-|g| (<= 1, no overflow): g >= 0 -> g / (1 + e), g < 0 -> g e / (1 + e)
-inline __m256 silu8(__m256 g) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256 e = exp_nonpositive(_mm256_or_ps(g, sign));  // -|g|
-  const __m256 one = _mm256_set1_ps(1.f);
-  const __m256 num = _mm256_blendv_ps(g, _mm256_mul_ps(g, e), g);  // blend on g's sign bit
-  return _mm256_div_ps(num, _mm256_add_ps(one, e));
-}
-
-inline float silu1(float g) { return g / (1.f + std::exp(-g)); }
 
 at::Tensor silu_mul(const at::Tensor& gate_up) {
   check_rows(gate_up, "gate_up");
@@ -85,10 +54,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     for (int64_t r = r0; r < r1; ++r) {
       const float *g = gp + r * 2 * F, *u = g + F;
       float* yr = yp + r * F;
-      int64_t c = 0;
-      for (; c + 8 <= F; c += 8)
-        _mm256_storeu_ps(yr + c, _mm256_mul_ps(silu8(_mm256_loadu_ps(g + c)), _mm256_loadu_ps(u + c)));
-      for (; c < F; ++c) yr[c] = silu1(g[c]) * u[c];
+      miaotui_kernels::silu_mul_row(g, u, F, yr);
     }
   });
   return y;

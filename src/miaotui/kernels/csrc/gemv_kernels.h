@@ -22,6 +22,7 @@ inline float hsum256(__m256 v) {  // the sum of 8 lanes (also used by the 256-bi
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+#define MIAOTUI_WIDE_DENSE_ROWS 1
 constexpr int kLanes = 16;
 using vf = __m512;
 inline vf vzero() { return _mm512_setzero_ps(); }
@@ -41,6 +42,7 @@ inline vf load_w(const uint16_t* p) {  // bf16: the upper half of an fp32
 }
 inline vf load_w(const float* p) { return _mm512_loadu_ps(p); }
 #else
+#define MIAOTUI_WIDE_DENSE_ROWS 0
 constexpr int kLanes = 8;
 using vf = __m256;
 inline vf vzero() { return _mm256_setzero_ps(); }
@@ -79,6 +81,43 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// silu(g) = g / (1 + e^-g), from e^-|g| (<= 1, no overflow): g >= 0 -> g / (1 + e), g < 0 -> g e / (1 + e)
+inline __m256 silu8(__m256 g) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 e = exp_nonpositive(_mm256_or_ps(g, sign));  // -|g|
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 num = _mm256_blendv_ps(g, _mm256_mul_ps(g, e), g);  // blend on g's sign bit
+  return _mm256_div_ps(num, _mm256_add_ps(one, e));
+}
+
+inline float silu1(float g) { return g / (1.f + std::exp(-g)); }
+
+// y[c] = silu(g[c]) * u[c] for c < F
+inline void silu_mul_row(const float* g, const float* u, int64_t F, float* y) {
+  int64_t c = 0;
+  for (; c + 8 <= F; c += 8)
+    _mm256_storeu_ps(y + c, _mm256_mul_ps(silu8(_mm256_loadu_ps(g + c)), _mm256_loadu_ps(u + c)));
+  for (; c < F; ++c) y[c] = silu1(g[c]) * u[c];
+}
+
+// y = w * (x * rsqrt(mean(x^2) + eps)) over C values: normalised first, then scaled (PyTorch's rounding order)
+inline void rms_norm_row(const float* x, const float* w, int64_t C, float eps, float* y) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) {
+    const __m256 a = _mm256_loadu_ps(x + c), b = _mm256_loadu_ps(x + c + 8);
+    s0 = _mm256_fmadd_ps(a, a, s0);
+    s1 = _mm256_fmadd_ps(b, b, s1);
+  }
+  float ss = hsum256(_mm256_add_ps(s0, s1));
+  for (; c < C; ++c) ss += x[c] * x[c];
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
+  const __m256 vi = _mm256_set1_ps(inv);
+  for (c = 0; c + 8 <= C; c += 8)
+    _mm256_storeu_ps(y + c, _mm256_mul_ps(_mm256_loadu_ps(w + c), _mm256_mul_ps(_mm256_loadu_ps(x + c), vi)));
+  for (; c < C; ++c) y[c] = w[c] * (x[c] * inv);
+}
+
 inline float scalar_w(int8_t v) { return static_cast<float>(v); }
 inline float scalar_w(float v) { return v; }
 inline float scalar_w(uint16_t v) {
@@ -88,7 +127,11 @@ inline float scalar_w(uint16_t v) {
   return f;
 }
 
-constexpr int kMaxRows = 4;  // activation rows per pass over a weight tile
+constexpr int kMaxRows = 4;  // activation rows per pass over a weight tile (the int8/int4 kernels)
+// fp32/bf16/int8-as-fp32 weights: activation rows per pass over one weight row (dense_tiles). Six keep the
+// row pointers and accumulators in registers; eight ran 1.4x slower than six per row (general registers
+// spill). AVX2's 16 vector registers hold four.
+constexpr int kDenseMaxRows = MIAOTUI_WIDE_DENSE_ROWS ? 6 : 4;
 constexpr int64_t kTile = 16;  // output rows per tile (the unit threads share out)
 
 // Threads only pay off with enough weight bytes each: a fork/join costs a few microseconds.
@@ -113,20 +156,23 @@ constexpr int64_t kPrefetchBytes = MIAOTUI_PREFETCH_BYTES;
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), MIAOTUI_PREFETCH_HINT); }
 
 // NR output rows x MR activation rows; KU independent accumulators per pair hide the FMA latency when
-// there are few pairs. The main loop advances one cache line (VPL vectors) of each weight row at a time.
+// there are few pairs (at KU = 1, four rows of fp32 ran at one FMA per cycle, latency-bound). The main
+// loop advances STEP vectors (whole cache lines) of each weight row at a time, prefetching each line.
 template <class T, int MR, int NR>
 inline void dot_rows(const float* x, int64_t K, const T* w, int64_t ldw, float* out) {
-  constexpr int VPL = std::max<int>(1, 64 / int(sizeof(T) * kLanes));
-  constexpr int KU = std::min(VPL, MR * NR >= 8 ? 1 : (MR * NR >= 4 ? 2 : 4));
+  constexpr int VPL = std::max<int>(1, 64 / int(sizeof(T) * kLanes));  // vectors per cache line
+  constexpr int KU = MR * NR >= 8 ? 1 : (MR * NR >= 4 ? 2 : 4);
+  constexpr int STEP = std::max(VPL, KU);
   constexpr int64_t PF = kPrefetchBytes / int64_t(sizeof(T));
   vf acc[KU][NR][MR];
   for (int u = 0; u < KU; ++u)
     for (int r = 0; r < NR; ++r)
       for (int m = 0; m < MR; ++m) acc[u][r][m] = vzero();
   int64_t k = 0;
-  for (; k + VPL * kLanes <= K; k += VPL * kLanes) {
-    for (int r = 0; r < NR; ++r) prefetch(w + r * ldw + k + PF);
-    for (int v = 0; v < VPL; ++v) {
+  for (; k + STEP * kLanes <= K; k += STEP * kLanes) {
+    for (int v = 0; v < STEP; v += VPL)
+      for (int r = 0; r < NR; ++r) prefetch(w + r * ldw + k + v * kLanes + PF);
+    for (int v = 0; v < STEP; ++v) {
       const int64_t kk = k + v * kLanes;
       for (int r = 0; r < NR; ++r) {
         const vf wv = load_w(w + r * ldw + kk);
@@ -189,62 +235,54 @@ inline void dot_rows_grouped(const float* x, int64_t K, const int8_t* w, int64_t
     for (int m = 0; m < MR; ++m) out[r * MR + m] = vsum(tot[r][m]);
 }
 
+// One weight row against MR activation rows: out[m] = scale * (x_m . w) + bias (grouped int8 scales were
+// applied inside the dot).
 template <class T, int MR>
-void rows_tile(const float* x, int64_t K, const T* w, int64_t n0, int64_t n1, int64_t N,
-               const float* scale, int64_t G, const float* bias, float* y) {
-  // one activation row: one weight row at a time, so a thread reads its tile as a single front-to-back
-  // stream. Four rows in step are four streams a K apart, which the hardware prefetcher follows worse:
-  // 17-18 vs 23-24 GB/s for bf16, 21 vs 28 for int8, 24 vs 25 for fp32 (SmolLM2's matrices, 2 threads)
-  constexpr int NR = MR == 1 ? 1 : (MR <= 2 ? 4 : 2);
-  float out[NR * MR];
-  int64_t n = n0;
-  // per-row scale (or none) applied here; grouped scales were applied inside the dot
-  const float* row_scale = G > 0 ? nullptr : scale;
-  auto store = [&](int nr) {
-    for (int r = 0; r < nr; ++r) {
-      const float s = row_scale ? row_scale[n + r] : 1.f, b = bias ? bias[n + r] : 0.f;
-      for (int m = 0; m < MR; ++m) y[m * N + n + r] = out[r * MR + m] * s + b;
+inline void row_dots(const float* x, int64_t K, const T* w, int64_t n, const float* scale, int64_t G,
+                     const float* bias, float* y, int64_t N) {
+  float out[MR];
+  if constexpr (std::is_same_v<T, int8_t>) {
+    if (G > 0) {
+      dot_rows_grouped<MR, 1>(x, K, w + n * K, K, scale + n * G, G, out);
+      scale = nullptr;
+    } else {
+      dot_rows<T, MR, 1>(x, K, w + n * K, K, out);
     }
-  };
-  for (; n + NR <= n1; n += NR) {
-    if constexpr (std::is_same_v<T, int8_t>) {
-      if (G > 0) {
-        dot_rows_grouped<MR, NR>(x, K, w + n * K, K, scale + n * G, G, out);
-        store(NR);
-        continue;
-      }
-    }
-    dot_rows<T, MR, NR>(x, K, w + n * K, K, out);
-    store(NR);
-  }
-  for (; n < n1; ++n) {
-    if constexpr (std::is_same_v<T, int8_t>) {
-      if (G > 0) {
-        dot_rows_grouped<MR, 1>(x, K, w + n * K, K, scale + n * G, G, out);
-        store(1);
-        continue;
-      }
-    }
+  } else {
     dot_rows<T, MR, 1>(x, K, w + n * K, K, out);
-    store(1);
   }
+  const float s = scale ? scale[n] : 1.f, b = bias ? bias[n] : 0.f;
+  for (int m = 0; m < MR; ++m) y[m * N + n] = out[m] * s + b;
 }
 
 // Output-row tiles [t0, t1) of y = x . W^T for M rows of x: the unit a thread computes. With grouped
 // int8 scales (G > 0: scale is [N, G]), each group's partial dot is scaled before it is summed.
+//
+// One weight row at a time, so a thread reads its tile as a single front-to-back stream: several rows in
+// step are streams a K apart, which the hardware prefetcher follows worse (one activation row: 17-18 vs
+// 23-24 GB/s for bf16 at four weight rows; six activation rows: 1.2-1.6x faster than two or four weight
+// rows at once). All M activation rows take that weight row while it is in L1, in passes of up to
+// kDenseMaxRows rows (balanced: 7 rows are 4 + 3), so more rows never add a second DRAM stream.
 template <class T>
 void dense_tiles(const float* x, int64_t M, int64_t K, const T* w, int64_t N, const float* scale, int64_t G,
                  const float* bias, float* y, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n0 = t * kTile, n1 = std::min(N, n0 + kTile);
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+  const int64_t passes = (M + kDenseMaxRows - 1) / kDenseMaxRows, per = (M + passes - 1) / passes;
+  const int64_t n1 = std::min(N, t1 * kTile);
+  for (int64_t n = t0 * kTile; n < n1; ++n) {
+    for (int64_t m0 = 0; m0 < M; m0 += per) {
       const float* xm = x + m0 * K;
       float* ym = y + m0 * N;
-      switch (std::min<int64_t>(kMaxRows, M - m0)) {
-        case 1: rows_tile<T, 1>(xm, K, w, n0, n1, N, scale, G, bias, ym); break;
-        case 2: rows_tile<T, 2>(xm, K, w, n0, n1, N, scale, G, bias, ym); break;
-        case 3: rows_tile<T, 3>(xm, K, w, n0, n1, N, scale, G, bias, ym); break;
-        default: rows_tile<T, 4>(xm, K, w, n0, n1, N, scale, G, bias, ym); break;
+      switch (std::min(per, M - m0)) {
+        case 1: row_dots<T, 1>(xm, K, w, n, scale, G, bias, ym, N); break;
+        case 2: row_dots<T, 2>(xm, K, w, n, scale, G, bias, ym, N); break;
+        case 3: row_dots<T, 3>(xm, K, w, n, scale, G, bias, ym, N); break;
+#if MIAOTUI_WIDE_DENSE_ROWS
+        case 4: row_dots<T, 4>(xm, K, w, n, scale, G, bias, ym, N); break;
+        case 5: row_dots<T, 5>(xm, K, w, n, scale, G, bias, ym, N); break;
+        default: row_dots<T, 6>(xm, K, w, n, scale, G, bias, ym, N); break;
+#else
+        default: row_dots<T, 4>(xm, K, w, n, scale, G, bias, ym, N); break;
+#endif
       }
     }
   }
