@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from miaotui.config import GenerationStats, SamplingParams
-from miaotui.engine.engine_config import OFFLINE_MAX_BATCHED_TOKENS, CacheConfig, EngineConfig
+from miaotui.engine.engine_config import CacheConfig, EngineConfig, offline_token_budget
 from miaotui.engine.llm_engine import LLMEngine, budget_blocks
 from miaotui.engine.prepare import prepare_for_inference
 from miaotui.engine.runner import Runner
@@ -151,7 +151,7 @@ class LLM:
         blocks = min(sum(-(-n // cache.block_size) for n in need), budget_blocks(self.loaded.model, cache))
         seqs = min(len(ids), 64)
         return EngineConfig(max_model_len=max(2, max(need)), max_num_seqs=seqs,
-                            max_num_batched_tokens=max(OFFLINE_MAX_BATCHED_TOKENS, seqs),
+                            max_num_batched_tokens=offline_token_budget(seqs),
                             cache=dataclasses.replace(cache, num_blocks=max(1, blocks)))
 
 

@@ -8,9 +8,9 @@
 // 22 % of an all-MiniLM-L6-v2 batch (head_dim 32, ~150 tokens) plus two index_selects around it.
 //
 // One task per (sequence, head): the head's keys are transposed into a [D, T] scratch, so the scores of
-// 4 queries come from broadcast-FMAs over 16 keys at a time; a vectorised exp gives the softmax; the
-// output is accumulated as probability-weighted value rows (2 queries x up to 32 dims per pass), read
-// from a contiguous [T, D] copy of the head's values. On MiniLM-shaped batches (32 sequences of 100-256
+// 4 queries come from broadcast-FMAs over two vectors of keys at a time (32 keys with AVX-512, 16 with
+// AVX2); a vectorised exp gives the softmax; the output is accumulated as probability-weighted value rows
+// (2 queries x up to 4 vectors of dims per pass), read from a contiguous [T, D] copy of the head's values. On MiniLM-shaped batches (32 sequences of 100-256
 // tokens, 12 heads of 32): 24-27 ms against 51-56 ms for SDPA with its gathers, 2 threads.
 // Tasks are numbered head-major, so each thread's contiguous share holds every sequence (a batch is
 // sorted by length: sequence-major numbering would give one thread all the long ones).
@@ -25,11 +25,11 @@
 #include <cstring>
 #include <vector>
 
-#include "gemv_kernels.h"  // hsum256, exp_nonpositive
+#include "gemv_kernels.h"  // the vector abstraction (vf, kLanes), vexp_nonpositive
 
 namespace {
 
-using miaotui_kernels::exp_nonpositive;
+using namespace miaotui_kernels;
 
 // dst[i * ldd + r] = src[r * lds + i] for an 8 x 8 block
 inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
@@ -51,8 +51,8 @@ inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
   }
 }
 
-constexpr int kRows = 4;   // queries per score pass (6 measured the same)
-constexpr int kKeys = 16;  // keys per score pass (two vectors)
+constexpr int kRows = 4;            // queries per score pass (6 measured the same)
+constexpr int kKeys = 2 * kLanes;  // keys per score pass (two vectors: 32 with AVX-512, 16 with AVX2)
 
 struct Head {
   const float* q;  // row t of this head's queries at q + t * ld (keys at +W, values at +2W)
@@ -64,60 +64,72 @@ struct Head {
 // scores[r][j] = scale * q_r . k_j for j < Tp (keys past T read the zero padding of kt)
 inline void scores(const float* qs, const float* kt, int64_t D, int64_t Tp, float* s) {
   for (int64_t j0 = 0; j0 < Tp; j0 += kKeys) {
-    __m256 acc[kRows][2];
-    for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    vf acc[kRows][2];
+    for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = vzero();
     for (int64_t d = 0; d < D; ++d) {
-      const __m256 k0 = _mm256_loadu_ps(kt + d * Tp + j0), k1 = _mm256_loadu_ps(kt + d * Tp + j0 + 8);
+      const vf k0 = vload(kt + d * Tp + j0), k1 = vload(kt + d * Tp + j0 + kLanes);
       for (int r = 0; r < kRows; ++r) {
-        const __m256 qv = _mm256_broadcast_ss(qs + r * D + d);
-        acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
+        const vf qv = vset1(qs[r * D + d]);
+        acc[r][0] = vfma(qv, k0, acc[r][0]);
+        acc[r][1] = vfma(qv, k1, acc[r][1]);
       }
     }
     for (int r = 0; r < kRows; ++r) {
-      _mm256_storeu_ps(s + r * Tp + j0, acc[r][0]);
-      _mm256_storeu_ps(s + r * Tp + j0 + 8, acc[r][1]);
+      vstore(s + r * Tp + j0, acc[r][0]);
+      vstore(s + r * Tp + j0 + kLanes, acc[r][1]);
     }
   }
 }
 
-// in place: s[0..Tp) -> exp(s - max) over the first T entries (the rest -> ~0); returns 1 / sum
+// in place: s[0..Tp) -> exp(s - max) over the first T entries (the rest -> ~0); returns 1 / sum. Tp: a
+// multiple of kLanes, s writable up to it
 inline float softmax_row(float* s, int64_t T, int64_t Tp) {
   for (int64_t j = T; j < Tp; ++j) s[j] = -INFINITY;
-  __m256 m = _mm256_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < Tp; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  const __m256 mx = _mm256_set1_ps(_mm_cvtss_f32(h));
-  __m256 sum = _mm256_setzero_ps();
-  for (int64_t j = 0; j < Tp; j += 8) {
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), mx));
-    _mm256_storeu_ps(s + j, e);
-    sum = _mm256_add_ps(sum, e);
+  vf m = vset1(-INFINITY);
+  for (int64_t j = 0; j < Tp; j += kLanes) m = vmax(m, vload(s + j));
+  const vf mx = vset1(vhmax(m));
+  vf sum = vzero();
+  for (int64_t j = 0; j < Tp; j += kLanes) {
+    const vf e = vexp_nonpositive(vsub(vload(s + j), mx));
+    vstore(s + j, e);
+    sum = vadd(sum, e);
   }
-  return 1.0f / miaotui_kernels::hsum256(sum);
+  return 1.0f / vsum(sum);
 }
 
-// out rows r0, r1 (dims d0 .. d0 + 8 NV) = sum_j p[r][j] v_j, times inv[r]; r1 may repeat r0; v: [T, D]
+// out rows r0, r1 (dims d0 .. d0 + kLanes NV) = sum_j p[r][j] v_j, times inv[r]; r1 may repeat r0; v: [T, D]
 template <int NV>
 inline void weighted_values(const Head& h, const float* v, const float* p0, const float* p1, float inv0, float inv1,
                             int64_t d0, float* o0, float* o1) {
-  __m256 a0[NV], a1[NV];
-  for (int i = 0; i < NV; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
+  vf a0[NV], a1[NV];
+  for (int i = 0; i < NV; ++i) a0[i] = a1[i] = vzero();
   const float* vrow = v + d0;
   for (int64_t j = 0; j < h.T; ++j, vrow += h.D) {
-    const __m256 b0 = _mm256_broadcast_ss(p0 + j), b1 = _mm256_broadcast_ss(p1 + j);
+    const vf b0 = vset1(p0[j]), b1 = vset1(p1[j]);
     for (int i = 0; i < NV; ++i) {
-      const __m256 x = _mm256_loadu_ps(vrow + 8 * i);
-      a0[i] = _mm256_fmadd_ps(b0, x, a0[i]);
-      a1[i] = _mm256_fmadd_ps(b1, x, a1[i]);
+      const vf x = vload(vrow + kLanes * i);
+      a0[i] = vfma(b0, x, a0[i]);
+      a1[i] = vfma(b1, x, a1[i]);
     }
   }
   for (int i = 0; i < NV; ++i) {
-    _mm256_storeu_ps(o0 + d0 + 8 * i, _mm256_mul_ps(a0[i], _mm256_set1_ps(inv0)));
-    _mm256_storeu_ps(o1 + d0 + 8 * i, _mm256_mul_ps(a1[i], _mm256_set1_ps(inv1)));
+    vstore(o0 + d0 + kLanes * i, vmul(a0[i], vset1(inv0)));
+    vstore(o1 + d0 + kLanes * i, vmul(a1[i], vset1(inv1)));
   }
+}
+
+// the same for 8 dims at d0: a head_dim that is a multiple of 8 but not of the vector width
+inline void weighted_values8(const Head& h, const float* v, const float* p0, const float* p1, float inv0,
+                             float inv1, int64_t d0, float* o0, float* o1) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  const float* vrow = v + d0;
+  for (int64_t j = 0; j < h.T; ++j, vrow += h.D) {
+    const __m256 x = _mm256_loadu_ps(vrow);
+    a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + j), x, a0);
+    a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(p1 + j), x, a1);
+  }
+  _mm256_storeu_ps(o0 + d0, _mm256_mul_ps(a0, _mm256_set1_ps(inv0)));
+  _mm256_storeu_ps(o1 + d0, _mm256_mul_ps(a1, _mm256_set1_ps(inv1)));
 }
 
 void attend(const Head& h, float scale, std::vector<float>& scratch) {
@@ -149,15 +161,19 @@ void attend(const Head& h, float scale, std::vector<float>& scratch) {
     for (int r = 0; r < rows; r += 2) {
       const int r1 = r + 1 < rows ? r + 1 : r;
       float *o0 = h.out + (i0 + r) * h.ldo, *o1 = h.out + (i0 + r1) * h.ldo;
-      for (int64_t d0 = 0; d0 < D; d0 += 32) {
-        const float *p0 = s + r * Tp, *p1 = s + r1 * Tp;
-        switch (std::min<int64_t>(4, (D - d0) / 8)) {
+      const float *p0 = s + r * Tp, *p1 = s + r1 * Tp;
+      int64_t d0 = 0;
+      while (D - d0 >= kLanes) {
+        const int64_t nv = std::min<int64_t>(4, (D - d0) / kLanes);
+        switch (nv) {
           case 4: weighted_values<4>(h, v, p0, p1, inv[r], inv[r1], d0, o0, o1); break;
           case 3: weighted_values<3>(h, v, p0, p1, inv[r], inv[r1], d0, o0, o1); break;
           case 2: weighted_values<2>(h, v, p0, p1, inv[r], inv[r1], d0, o0, o1); break;
           default: weighted_values<1>(h, v, p0, p1, inv[r], inv[r1], d0, o0, o1); break;
         }
+        d0 += nv * kLanes;
       }
+      if (d0 < D) weighted_values8(h, v, p0, p1, inv[r], inv[r1], d0, o0, o1);  // 8 dims left (AVX-512)
     }
   }
 }
@@ -238,7 +254,7 @@ void paged_scores(const Paged& p, int64_t g, const float* q, int64_t lo, int64_t
     const float* k = p.row(p.k, lo + j, g);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t c = 0; c < D; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), acc);
-    s[j] = scale * miaotui_kernels::hsum256(acc);
+    s[j] = scale * hsum256(acc);
   }
 }
 
@@ -283,14 +299,14 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> s(longest + 8);
+    std::vector<float> s(longest + kLanes);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / hkv, g = t % hkv, L = lens[b], lo = window > 0 ? std::max<int64_t>(0, L - window) : 0;
       const Paged p{k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), tables + b * W, block_size, hkv, D};
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
         const int64_t n = L - lo;
         paged_scores(p, g, qp + (b * H + h) * D, lo, n, static_cast<float>(scale), s.data());
-        const int64_t np = (n + 7) / 8 * 8;
+        const int64_t np = (n + kLanes - 1) / kLanes * kLanes;  // softmax_row works in whole vectors
         const float inv = softmax_row(s.data(), n, np);
         float* o = op + (b * H + h) * D;
         for (int64_t d0 = 0; d0 < D; d0 += 64) {

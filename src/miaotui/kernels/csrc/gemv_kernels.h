@@ -32,6 +32,10 @@ inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline float vhmax(vf v) { return _mm512_reduce_max_ps(v); }
 // 16 consecutive weights of one row as fp32
 inline vf load_w(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -52,6 +56,14 @@ inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
 inline float vsum(vf v) { return hsum256(v); }
+inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline float vhmax(vf v) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
 inline vf load_w(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -80,6 +92,28 @@ inline __m256 exp_nonpositive(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
+
+// exp_nonpositive at the full vector width (the same polynomial and error)
+#if MIAOTUI_WIDE_DENSE_ROWS
+inline vf vexp_nonpositive(vf x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#else
+inline vf vexp_nonpositive(vf x) { return exp_nonpositive(x); }
+#endif
 
 // silu(g) = g / (1 + e^-g), from e^-|g| (<= 1, no overflow): g >= 0 -> g / (1 + e), g < 0 -> g e / (1 + e)
 inline __m256 silu8(__m256 g) {
@@ -128,9 +162,9 @@ inline float scalar_w(uint16_t v) {
 }
 
 constexpr int kMaxRows = 4;  // activation rows per pass over a weight tile (the int8/int4 kernels)
-// fp32/bf16/int8-as-fp32 weights: activation rows per pass over one weight row (dense_tiles). Six keep the
-// row pointers and accumulators in registers; eight ran 1.4x slower than six per row (general registers
-// spill). AVX2's 16 vector registers hold four.
+// fp32/bf16/int8-as-fp32 weights: activation rows per pass over one weight row (dense_tiles). Past six the
+// pass is bound by the core, not by memory: eight rows took 1.4x six's time whether in one pass or two of
+// four. AVX2's 16 vector registers hold the accumulators of four.
 constexpr int kDenseMaxRows = MIAOTUI_WIDE_DENSE_ROWS ? 6 : 4;
 constexpr int64_t kTile = 16;  // output rows per tile (the unit threads share out)
 
@@ -155,6 +189,16 @@ constexpr int64_t kPrefetchBytes = MIAOTUI_PREFETCH_BYTES;
 #endif
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), MIAOTUI_PREFETCH_HINT); }
 
+// fp32 weight rows are read once per token and never again before the next one: a non-temporal prefetch
+// keeps them from displacing the activations and other rows' lines. On the AVX-512 (Zen 5) VM, alternating
+// builds: the fp32 decode step 4-7 % faster in 8 of 8 pairs (one and six rows); bf16 was slower in 3 of 4
+// pairs at one row, so the other weight types keep MIAOTUI_PREFETCH_HINT.
+template <class T>
+inline void prefetch_weights(const T* p) {
+  if constexpr (std::is_same_v<T, float>) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_NTA);
+  else prefetch(p);
+}
+
 // NR output rows x MR activation rows; KU independent accumulators per pair hide the FMA latency when
 // there are few pairs (at KU = 1, four rows of fp32 ran at one FMA per cycle, latency-bound). The main
 // loop advances STEP vectors (whole cache lines) of each weight row at a time, prefetching each line.
@@ -171,7 +215,7 @@ inline void dot_rows(const float* x, int64_t K, const T* w, int64_t ldw, float* 
   int64_t k = 0;
   for (; k + STEP * kLanes <= K; k += STEP * kLanes) {
     for (int v = 0; v < STEP; v += VPL)
-      for (int r = 0; r < NR; ++r) prefetch(w + r * ldw + k + v * kLanes + PF);
+      for (int r = 0; r < NR; ++r) prefetch_weights(w + r * ldw + k + v * kLanes + PF);
     for (int v = 0; v < STEP; ++v) {
       const int64_t kk = k + v * kLanes;
       for (int r = 0; r < NR; ++r) {
