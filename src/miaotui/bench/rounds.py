@@ -23,8 +23,8 @@ def rotated(specs: list[str], round_index: int) -> list[str]:
 
 def merge(runs: list[dict]) -> dict:
     """One engine's per-round results → one result: measured (float) figures become their median over the
-    rounds, peak RSS its maximum, nested dicts are merged key by key, anything else is the first round's. ``rounds`` keeps
-    the per-round decode and prefill figures, so the spread is on record."""
+    rounds, peak RSS its maximum, nested dicts are merged key by key, anything else is the first round's.
+    ``rounds`` keeps the per-round decode, prefill and throughput figures, so the spread is on record."""
     out = _merge_values(runs)
     if len(runs) > 1:
         out["rounds"] = [{k: r[k] for k in ("decode_tok_s", "prefill_tok_s", "throughput_tok_s") if k in r}
