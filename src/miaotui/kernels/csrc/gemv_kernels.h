@@ -75,39 +75,34 @@ inline vf load_w(const float* p) { return _mm256_loadu_ps(p); }
 #endif
 
 // e^x for x <= 0 (attention scores minus their maximum, silu's e^-|x|): 2^n * p(r), |r| <= ln2 / 2, degree-6 Taylor
-// polynomial (relative error ~2e-7); inputs below -87 give e^-87 ~ 1.6e-38, not 0.
+// polynomial (relative error ~2e-7); inputs below -87 give e^-87 ~ 1.6e-38, not 0. One set of constants for
+// both widths below, so they compute the same function.
+constexpr float kExpMin = -87.0f, kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln 2 in two parts: exact n * hi
+constexpr float kExpPoly[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};  // Horner, highest first
+
 inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  x = _mm256_max_ps(x, _mm256_set1_ps(kExpMin));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact n * hi
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// exp_nonpositive at the full vector width (the same polynomial and error)
+// exp_nonpositive at the full vector width
 #if MIAOTUI_WIDE_DENSE_ROWS
 inline vf vexp_nonpositive(vf x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpMin));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
@@ -199,84 +194,68 @@ inline void prefetch_weights(const T* p) {
   else prefetch(p);
 }
 
-// NR output rows x MR activation rows; KU independent accumulators per pair hide the FMA latency when
-// there are few pairs (at KU = 1, four rows of fp32 ran at one FMA per cycle, latency-bound). The main
-// loop advances STEP vectors (whole cache lines) of each weight row at a time, prefetching each line.
-template <class T, int MR, int NR>
-inline void dot_rows(const float* x, int64_t K, const T* w, int64_t ldw, float* out) {
+// One weight row against MR activation rows; KU independent accumulators per row hide the FMA latency when
+// there are few rows (at KU = 1, four rows of fp32 ran at one FMA per cycle, latency-bound). The main loop
+// advances STEP vectors (whole cache lines) of the weight row at a time, prefetching each line.
+template <class T, int MR>
+inline void dot_rows(const float* x, int64_t K, const T* w, float* out) {
   constexpr int VPL = std::max<int>(1, 64 / int(sizeof(T) * kLanes));  // vectors per cache line
-  constexpr int KU = MR * NR >= 8 ? 1 : (MR * NR >= 4 ? 2 : 4);
+  constexpr int KU = MR >= 8 ? 1 : (MR >= 4 ? 2 : 4);
   constexpr int STEP = std::max(VPL, KU);
   constexpr int64_t PF = kPrefetchBytes / int64_t(sizeof(T));
-  vf acc[KU][NR][MR];
+  vf acc[KU][MR];
   for (int u = 0; u < KU; ++u)
-    for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < MR; ++m) acc[u][r][m] = vzero();
+    for (int m = 0; m < MR; ++m) acc[u][m] = vzero();
   int64_t k = 0;
   for (; k + STEP * kLanes <= K; k += STEP * kLanes) {
-    for (int v = 0; v < STEP; v += VPL)
-      for (int r = 0; r < NR; ++r) prefetch_weights(w + r * ldw + k + v * kLanes + PF);
+    for (int v = 0; v < STEP; v += VPL) prefetch_weights(w + k + v * kLanes + PF);
     for (int v = 0; v < STEP; ++v) {
       const int64_t kk = k + v * kLanes;
-      for (int r = 0; r < NR; ++r) {
-        const vf wv = load_w(w + r * ldw + kk);
-        for (int m = 0; m < MR; ++m) acc[v % KU][r][m] = vfma(wv, vload(x + m * K + kk), acc[v % KU][r][m]);
-      }
+      const vf wv = load_w(w + kk);
+      for (int m = 0; m < MR; ++m) acc[v % KU][m] = vfma(wv, vload(x + m * K + kk), acc[v % KU][m]);
     }
   }
   for (; k + kLanes <= K; k += kLanes) {
-    for (int r = 0; r < NR; ++r) {
-      const vf wv = load_w(w + r * ldw + k);
-      for (int m = 0; m < MR; ++m) acc[0][r][m] = vfma(wv, vload(x + m * K + k), acc[0][r][m]);
-    }
+    const vf wv = load_w(w + k);
+    for (int m = 0; m < MR; ++m) acc[0][m] = vfma(wv, vload(x + m * K + k), acc[0][m]);
   }
-  for (int r = 0; r < NR; ++r) {
-    for (int m = 0; m < MR; ++m) {
-      vf s = acc[0][r][m];
-      for (int u = 1; u < KU; ++u) s = vadd(s, acc[u][r][m]);
-      float tail = 0.f;
-      for (int64_t t = k; t < K; ++t) tail += scalar_w(w[r * ldw + t]) * x[m * K + t];
-      out[r * MR + m] = vsum(s) + tail;
-    }
+  for (int m = 0; m < MR; ++m) {
+    vf s = acc[0][m];
+    for (int u = 1; u < KU; ++u) s = vadd(s, acc[u][m]);
+    float tail = 0.f;
+    for (int64_t t = k; t < K; ++t) tail += scalar_w(w[t]) * x[m * K + t];
+    out[m] = vsum(s) + tail;
   }
 }
 
 // int8 with a scale per (row, group of columns): each group's dot is accumulated apart, then scaled and
 // summed, so the result is "dequantize, then fp32 matmul" up to summation order. group % kLanes == 0.
-template <int MR, int NR>
-inline void dot_rows_grouped(const float* x, int64_t K, const int8_t* w, int64_t ldw, const float* scale,
-                             int64_t G, float* out) {
-  constexpr int KU = MR * NR >= 4 ? 1 : 2;
+template <int MR>
+inline void dot_rows_grouped(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t G,
+                             float* out) {
+  constexpr int KU = MR >= 4 ? 1 : 2;
   const int64_t group = K / G;
-  vf tot[NR][MR];
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) tot[r][m] = vzero();
+  vf tot[MR];
+  for (int m = 0; m < MR; ++m) tot[m] = vzero();
   for (int64_t g = 0; g < G; ++g) {
-    vf acc[KU][NR][MR];
+    vf acc[KU][MR];
     for (int u = 0; u < KU; ++u)
-      for (int r = 0; r < NR; ++r)
-        for (int m = 0; m < MR; ++m) acc[u][r][m] = vzero();
+      for (int m = 0; m < MR; ++m) acc[u][m] = vzero();
     const int64_t k0 = g * group, k1 = k0 + group;
     for (int64_t k = k0; k < k1; k += kLanes) {
-      if ((k & 63) < kLanes)
-        for (int r = 0; r < NR; ++r) prefetch(w + r * ldw + k + kPrefetchBytes);
+      if ((k & 63) < kLanes) prefetch(w + k + kPrefetchBytes);
       const int u = int((k - k0) / kLanes) % KU;
-      for (int r = 0; r < NR; ++r) {
-        const vf wv = load_w(w + r * ldw + k);
-        for (int m = 0; m < MR; ++m) acc[u][r][m] = vfma(wv, vload(x + m * K + k), acc[u][r][m]);
-      }
+      const vf wv = load_w(w + k);
+      for (int m = 0; m < MR; ++m) acc[u][m] = vfma(wv, vload(x + m * K + k), acc[u][m]);
     }
-    for (int r = 0; r < NR; ++r) {
-      const vf s = vset1(scale[r * G + g]);
-      for (int m = 0; m < MR; ++m) {
-        vf a = acc[0][r][m];
-        for (int u = 1; u < KU; ++u) a = vadd(a, acc[u][r][m]);
-        tot[r][m] = vfma(s, a, tot[r][m]);
-      }
+    const vf s = vset1(scale[g]);
+    for (int m = 0; m < MR; ++m) {
+      vf a = acc[0][m];
+      for (int u = 1; u < KU; ++u) a = vadd(a, acc[u][m]);
+      tot[m] = vfma(s, a, tot[m]);
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) out[r * MR + m] = vsum(tot[r][m]);
+  for (int m = 0; m < MR; ++m) out[m] = vsum(tot[m]);
 }
 
 // One weight row against MR activation rows: out[m] = scale * (x_m . w) + bias (grouped int8 scales were
@@ -287,13 +266,13 @@ inline void row_dots(const float* x, int64_t K, const T* w, int64_t n, const flo
   float out[MR];
   if constexpr (std::is_same_v<T, int8_t>) {
     if (G > 0) {
-      dot_rows_grouped<MR, 1>(x, K, w + n * K, K, scale + n * G, G, out);
+      dot_rows_grouped<MR>(x, K, w + n * K, scale + n * G, G, out);
       scale = nullptr;
     } else {
-      dot_rows<T, MR, 1>(x, K, w + n * K, K, out);
+      dot_rows<T, MR>(x, K, w + n * K, out);
     }
   } else {
-    dot_rows<T, MR, 1>(x, K, w + n * K, K, out);
+    dot_rows<T, MR>(x, K, w + n * K, out);
   }
   const float s = scale ? scale[n] : 1.f, b = bias ? bias[n] : 0.f;
   for (int m = 0; m < MR; ++m) y[m * N + n] = out[m] * s + b;
