@@ -113,6 +113,10 @@ def test_layer_subset_is_the_teacher_without_those_layers(teacher):
         parse_layers("3,1", 6)
     assert default_layer_map(2, 6) == {0: 2, 1: 5}
     assert kept_layers_from_records([{"step": "prune-layers", "dropped": [1, 2]}], 5) == [0, 3, 4]
+    # a distill record names teacher layers, so a second one (continued training) replaces, not composes
+    twice = [{"step": "distill", "teacher_layers": [0, 2, 5]}, {"step": "distill", "teacher_layers": [0, 2, 5]}]
+    assert kept_layers_from_records(twice, 6) == [0, 2, 5]
+    assert kept_layers_from_records(twice + [{"step": "prune-layers", "kept": [0, 2]}], 6) == [0, 5]
 
 
 # ---- decoders
@@ -340,6 +344,28 @@ def test_encoder_cli_writes_a_folder_equal_to_transformers(bert_folder, tmp_path
     m = batch["attention_mask"].unsqueeze(-1).float()
     want = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
     torch.testing.assert_close(torch.from_numpy(ours), want, atol=1e-5, rtol=1e-4)
+
+
+def test_encoder_cli_continues_a_student_with_its_layer_map(bert_folder, tmp_path, capsys):
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(sentences(40, 3)))
+    first, second, third = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    common = ["--model", str(bert_folder), "--data", str(data), "--steps", "2", "-b", "8", "--holdout", "0"]
+    assert main(["distill", "--student-layers", "0,3", "--output", str(first), *common]) == 0
+    # the student's weights changed, so only its record says layers 0 and 3 are where it came from
+    assert main(["distill", "--student", str(first), "--output", str(second), "--hidden-loss", "1", *common]) == 0
+    rec = json.loads((second / "distill.json").read_text())["recipe"]
+    assert rec["name"] == "distill+distill" and len(rec["records"]) == 2
+    assert rec["records"][1]["teacher_layers"] == [0, 3]
+    assert rec["records"][1]["layer_map"] == {"0": 0, "1": 3}
+    # an explicit --teacher-layers wins over the record
+    assert main(["distill", "--student", str(second), "--output", str(third), "--hidden-loss", "1",
+                 "--teacher-layers", "1,2", *common]) == 0
+    assert json.loads((third / "distill.json").read_text())["recipe"]["records"][2]["layer_map"] == {"0": 1, "1": 2}
+    for bad in (["--student", str(first), "--teacher-layers", "1"], ["--student", str(first), "--teacher-layers", "x"],
+                ["--student-layers", "0,3", "--teacher-layers", "0,3"]):
+        assert main(["distill", *bad, "--output", str(tmp_path / "bad"), *common]) != 0
+        assert "teacher-layers" in capsys.readouterr().err
 
 
 # ---- real models (short)

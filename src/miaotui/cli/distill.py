@@ -41,6 +41,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--student-layers", metavar="N|I,J,...",
                    help="build the student from the teacher, keeping N evenly spaced layers (first and last "
                         "included) or exactly the layers listed (0-based)")
+    p.add_argument("--teacher-layers", metavar="I,J,...",
+                   help="with --student: the teacher layer each student layer came from, for --hidden-loss "
+                        "(default: read from the student's recorded recipe, else found by matching weights, else "
+                        "evenly spaced)")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="folder for the distilled student (a miaotui checkpoint; for encoders a Hugging Face / "
                         "sentence-transformers folder) and the training state")
@@ -154,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.student is None and args.student_layers is None:
         raise DistillError("say what to train: --student DIR or --student-layers N", "student")
+    if args.teacher_layers is not None and args.student is None:
+        raise DistillError("--teacher-layers describes a --student DIR; --student-layers already names them",
+                           "teacher_layers")
     out = Path(args.output)
     _check_output(out, args.resume)
     cfg = _config(args)  # bad hyper-parameters fail before anything is loaded
@@ -173,15 +180,34 @@ def _summary(report: dict, kind: str) -> None:
             _log(f"held-out {kind} {key}: {b[key]:.4f} -> {a[key]:.4f}")
 
 
+def _student_origin(args: argparse.Namespace, records: list[dict], student, teacher, n_teacher: int):
+    """The teacher layer each layer of a --student came from: --teacher-layers, else its recorded recipe,
+    else matching weights; None when unknown (the hidden-state loss then pairs layers evenly)."""
+    from miaotui.compress.distill import DistillError
+    from miaotui.compress.distill.student import blocks, kept_layers_from_records, match_layers, parse_layers
+
+    n_student = len(blocks(student))
+    if args.teacher_layers is not None:
+        try:  # always indices: a lone "3" is layer 3, not "3 evenly spaced" as in --student-layers
+            keep = parse_layers([int(x) for x in args.teacher_layers.split(",") if x.strip()], n_teacher)
+        except ValueError:
+            raise DistillError(f"--teacher-layers: {args.teacher_layers!r} is not a list of integers",
+                               "teacher_layers") from None
+        if len(keep) != n_student:
+            raise DistillError(f"--teacher-layers names {len(keep)} layers; the student has {n_student}",
+                               "teacher_layers")
+        return keep
+    keep = kept_layers_from_records(records, n_teacher)
+    return keep if keep is not None and len(keep) == n_student else match_layers(student, teacher)
+
+
 def _run_decoder(args: argparse.Namespace, cfg, out: Path) -> dict:
     import dataclasses
 
     from miaotui.compress.calib import calibration_tokens
     from miaotui.compress.distill import distill, layer_map, layer_subset
     from miaotui.compress.distill.data import cut_windows, file_windows
-    from miaotui.compress.distill.student import (
-        blocks, config_layer_key, kept_layers_from_records, match_layers, parse_layers,
-    )
+    from miaotui.compress.distill.student import blocks, config_layer_key, parse_layers
     from miaotui.loading import load
     from miaotui.loading.checkpoint import save_checkpoint, source_identity, update_quality
 
@@ -202,9 +228,7 @@ def _run_decoder(args: argparse.Namespace, cfg, out: Path) -> dict:
             recipe = student.manifest.get("recipe") or {}
             records, prev_steps = list(recipe.get("records") or []), list(recipe.get("steps") or [])
             modules, source = dict(student.manifest.get("modules") or {}), student.manifest.get("source") or source
-        keep = kept_layers_from_records(records, n_teacher)
-        if keep is None or len(keep) != len(blocks(student.model)):
-            keep = match_layers(student.model, teacher.model)
+        keep = _student_origin(args, records, student.model, teacher.model, n_teacher)
         _log(f"student: {args.student} ({len(blocks(student.model))} layers; teacher {n_teacher})")
     if cfg.hidden_loss and keep is not None:
         cfg.layer_map = layer_map(keep)
@@ -254,24 +278,25 @@ def _run_encoder(args: argparse.Namespace, cfg, out: Path) -> dict:
     from miaotui.compress.distill import distill_encoder, encoder_subset, layer_map
     from miaotui.compress.distill.data import data_free_texts, read_texts
     from miaotui.compress.distill.encoder import embedding_metrics, tokenize_texts
-    from miaotui.compress.distill.encoder_save import save_encoder
+    from miaotui.compress.distill.encoder_save import read_record, save_encoder
     from miaotui.compress.distill.student import parse_layers
     from miaotui.loading.encoder import load_encoder
 
     teacher = load_encoder(args.model)
     teacher.model.fuse()
     n_teacher = len(teacher.model.layers)
-    keep = None
+    records, prev_name = [], None
     if args.student_layers is not None:
         keep = parse_layers(args.student_layers, n_teacher)
         student = encoder_subset(teacher, keep)
         _log(f"student: {len(keep)} of the teacher's {n_teacher} layers ({', '.join(map(str, keep))})")
     else:
-        from miaotui.compress.distill.student import match_layers
-
         student = load_encoder(args.student)
         student.model.fuse()
-        keep = match_layers(student.model, teacher.model)
+        previous = read_record(args.student) or {}
+        records = list((previous.get("recipe") or {}).get("records") or [])
+        prev_name = (previous.get("recipe") or {}).get("name")
+        keep = _student_origin(args, records, student.model, teacher.model, n_teacher)
         _log(f"student: {args.student} ({len(student.model.layers)} layers; teacher {n_teacher})")
     if cfg.hidden_loss and keep is not None:
         cfg.layer_map = layer_map(keep)
@@ -297,7 +322,8 @@ def _run_encoder(args: argparse.Namespace, cfg, out: Path) -> dict:
         _log(f"after: mean cosine {quality['mean_cosine']:.4f}")
     from miaotui.loading.checkpoint import source_identity
 
-    save_encoder(out, student, {"recipe": {"name": "distill", "records": [record]},
+    recipe = {"name": f"{prev_name}+distill" if prev_name else "distill", "records": records + [record]}
+    save_encoder(out, student, {"recipe": recipe,
                                 "source": source_identity(teacher.path), "quality": quality})
     _log(f"wrote {out}")
     return {"output": str(out), "kind": "encoder", "distill": record, "quality": quality}

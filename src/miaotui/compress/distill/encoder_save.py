@@ -88,3 +88,15 @@ def save_encoder(out_dir: str | Path, loaded, record: dict[str, Any]) -> Path:
     save_file(hf_state_dict(loaded.model), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / RECORD).write_text(json.dumps(record, indent=2, default=str))
     return out
+
+
+def read_record(folder: str | Path) -> dict[str, Any] | None:
+    """The ``distill.json`` of a folder this module wrote (its recipe records, source and quality), or None."""
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DistillError(f"{path}: not a readable record ({e})", "student") from None
+    return record if isinstance(record, dict) else None

@@ -97,12 +97,13 @@ def default_layer_map(n_student: int, n_teacher: int) -> dict[int, int]:
 
 def kept_layers_from_records(records: list[dict], n_teacher: int) -> list[int] | None:
     """The teacher layers a checkpoint's student kept, read from its manifest's recipe records: a
-    ``prune-layers`` step's kept/dropped list or an earlier ``distill`` step's ``teacher_layers``."""
+    ``prune-layers`` step's kept/dropped list (indices into the model it pruned, so they compose) or an
+    earlier ``distill`` step's ``teacher_layers`` (indices into the teacher itself, so they replace)."""
     keep = list(range(n_teacher))
     found = False
     for rec in records or []:
         if rec.get("step") == "distill" and rec.get("teacher_layers"):
-            keep, found = [keep[i] for i in rec["teacher_layers"]], True
+            keep, found = [int(t) for t in rec["teacher_layers"]], True
         elif rec.get("step") == "prune-layers":
             kept = next((rec[k] for k in ("kept_layers", "kept", "keep") if isinstance(rec.get(k), list)), None)
             dropped = next((rec[k] for k in ("dropped_layers", "dropped", "removed", "layers")
