@@ -15,7 +15,8 @@ from conftest import ARCHS
 from miaotui.config import SamplingParams
 from miaotui.engine.engine_config import CacheConfig, EngineConfig
 from miaotui.engine.generate import generate_tokens
-from miaotui.engine.llm_engine import LLMEngine, resolve_config
+from miaotui.engine.llm_engine import LLMEngine, offline_config, resolve_config
+from miaotui.engine.paged_cache import lazy_zeros
 from miaotui.errors import MiaotuiError, PromptTooLongError
 from miaotui.loading import build_model
 from miaotui.loading.hf import load_hf_weights, read_hf_config
@@ -239,6 +240,40 @@ def test_cache_is_sized_from_the_config(tiny):
     with pytest.raises(PromptTooLongError, match="context"):
         engine.add_request("ctx", list(range(600)), greedy(1))
     assert not engine.abort("big")
+
+
+def test_offline_batches_get_just_the_blocks_they_need(tiny):
+    model = tiny("llama-gqa-untied")  # 512-token context, 16-slot blocks
+    cfg = offline_config(model, [10, 16, 17, 900], enable_prefix_caching=False)
+    assert cfg.cache.num_blocks == 1 + 1 + 2 + 32  # the last request clamped to the 512-token context
+    assert cfg.max_model_len == 512 and cfg.max_num_seqs == 4 and not cfg.cache.enable_prefix_caching
+    assert cfg.max_num_batched_tokens >= 4
+
+
+def _rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_lazy_zeros_are_zeros_and_resident_only_where_written():
+    for dtype in (torch.float32, torch.bfloat16, torch.int8):
+        z = lazy_zeros((33, 3, 8), dtype)
+        assert z.shape == (33, 3, 8) and z.dtype == dtype and z.is_contiguous()
+        assert z.data_ptr() % 64 == 0 and not z.any()
+        z[5] = 1  # writable
+        assert int(z.sum()) == 24
+    if not __import__("os").path.exists("/proc/self/status"):
+        pytest.skip("needs Linux's /proc to read the resident size")
+    before = _rss_mib()
+    pool = lazy_zeros((64 * 2**20,), torch.float32)  # 256 MiB, none of it touched
+    assert float(pool[::4096].sum()) == 0.0  # reading maps the shared zero page, not new memory
+    assert _rss_mib() - before < 32
+    pool[: 16 * 2**20].fill_(1.0)  # 64 MiB written
+    assert _rss_mib() - before > 48
+    del pool  # unmapped: the memory goes back to the OS
+    assert _rss_mib() - before < 32
 
 
 def test_llm_generate_list_equals_one_prompt_at_a_time(hf_folder):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from miaotui.config import GenerationStats, SamplingParams
-from miaotui.engine.engine_config import CacheConfig, EngineConfig, offline_token_budget
-from miaotui.engine.llm_engine import LLMEngine, budget_blocks
+from miaotui.engine.engine_config import EngineConfig
+from miaotui.engine.llm_engine import LLMEngine, offline_config
 from miaotui.engine.prepare import prepare_for_inference
 from miaotui.engine.runner import Runner
 from miaotui.engine.text import TextAssembler, stream_text
@@ -145,14 +144,7 @@ class LLM:
 
     def _batch_config(self, ids: list[list[int]], params: list[SamplingParams]) -> EngineConfig:
         """Just enough context and KV blocks for these requests to all run at once (within the budget)."""
-        model_len = self.loaded.model.max_seq_len
-        need = [min(len(i) + p.max_tokens, model_len) for i, p in zip(ids, params)]
-        cache = CacheConfig()
-        blocks = min(sum(-(-n // cache.block_size) for n in need), budget_blocks(self.loaded.model, cache))
-        seqs = min(len(ids), 64)
-        return EngineConfig(max_model_len=max(2, max(need)), max_num_seqs=seqs,
-                            max_num_batched_tokens=offline_token_budget(seqs),
-                            cache=dataclasses.replace(cache, num_blocks=max(1, blocks)))
+        return offline_config(self.loaded.model, [len(i) + p.max_tokens for i, p in zip(ids, params)])
 
 
 class _TextState:

@@ -60,14 +60,12 @@ class MiaotuiEngine(Engine):
 
     def batch_generate(self, prompts, max_new):
         from miaotui.config import SamplingParams
-        from miaotui.engine.engine_config import CacheConfig, EngineConfig, offline_token_budget
-        from miaotui.engine.llm_engine import LLMEngine
+        from miaotui.engine.llm_engine import LLMEngine, offline_config
 
-        # prefix caching off: the benchmark prompts share their opening text, and reuse is not throughput;
-        # an offline batch's token budget, as LLM.generate uses for a list of prompts
-        config = EngineConfig(max_num_seqs=len(prompts), max_model_len=max(map(len, prompts)) + max(max_new),
-                              max_num_batched_tokens=offline_token_budget(len(prompts)),
-                              cache=CacheConfig(enable_prefix_caching=False))
+        # sized as LLM.generate sizes a list of prompts; prefix caching off: the benchmark prompts share their
+        # opening text, and reuse is not throughput
+        config = offline_config(self.loaded.model, [len(p) + n for p, n in zip(prompts, max_new)],
+                                enable_prefix_caching=False)
         engine = LLMEngine(self.loaded, config=config)
         engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in max_new])
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from miaotui.config import SamplingParams
-from miaotui.engine.engine_config import CacheConfig, EngineConfig
+from miaotui.engine.engine_config import CacheConfig, EngineConfig, offline_token_budget
 from miaotui.engine.paged_cache import PagedKVPool, StepBatch, kv_block_bytes
 from miaotui.engine.request import Request, RequestOutput
 from miaotui.engine.sampler import make_generator, sample
@@ -51,6 +51,19 @@ def resolve_config(config: EngineConfig, model: CausalLM) -> EngineConfig:
         blocks = min(config.max_num_seqs * per_seq, budget_blocks(model, cache))
         cache = dataclasses.replace(cache, num_blocks=max(1, blocks))
     return dataclasses.replace(config, max_model_len=max_len, cache=cache)
+
+
+def offline_config(model: CausalLM, needs: list[int], enable_prefix_caching: bool = True) -> EngineConfig:
+    """An offline batch (``LLM.generate`` on a list, ``miaotui bench``'s throughput) of requests needing
+    ``needs`` tokens each (prompt + output): just enough context and KV blocks for all of them to run at
+    once (within the memory budget), and the offline step budget."""
+    cache = CacheConfig(enable_prefix_caching=enable_prefix_caching)
+    needs = [min(n, model.max_seq_len) for n in needs]
+    blocks = min(sum(-(-n // cache.block_size) for n in needs), budget_blocks(model, cache))
+    seqs = min(len(needs), 64)
+    return EngineConfig(max_model_len=max(2, max(needs)), max_num_seqs=seqs,
+                        max_num_batched_tokens=offline_token_budget(seqs),
+                        cache=dataclasses.replace(cache, num_blocks=max(1, blocks)))
 
 
 @dataclass

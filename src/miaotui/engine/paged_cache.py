@@ -23,6 +23,7 @@ b attends blocks [5, 2] (8 positions) with query i seeing keys [0, 4+i].
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -163,6 +164,21 @@ class Scratch:
         return buf[:n].view(shape)
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """Zeros that cost memory only where written. On the CPU an anonymous mapping: the OS hands out zero
+    pages on first touch, so a cache sized for the worst case holds only the blocks in use in RAM
+    (``torch.zeros`` writes, and so keeps resident, every byte), and unmaps it when the tensor dies."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    cpu = torch.device(device if device is not None else "cpu").type == "cpu"
+    if not cpu or nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):  # a GPU, or Windows: plain zeros
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # private: reads of untouched pages map the kernel's zero page (a shared mapping would allocate them),
+    # and a forked process does not see this one's writes
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # the tensor holds a reference to the mapping (page-aligned, so also 64-byte aligned for the kernels)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)
+
+
 class PagedKVCache(nn.Module):
     """One layer's K and V pools, (num_blocks * block_size, Hkv, D) each; ``step`` is set per forward."""
 
@@ -172,13 +188,13 @@ class PagedKVCache(nn.Module):
         super().__init__()
         shape = (num_blocks * block_size, n_kv_heads, head_dim)
         # zeros, not empty: padded slots are masked, but 0 * NaN garbage would still poison probs @ V
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", lazy_zeros(shape, dtype, device), persistent=False)
+        self.register_buffer("v", lazy_zeros(shape, dtype, device), persistent=False)
         self.quantized = dtype == torch.int8  # int8 codes + one scale per (slot, head)
         self.compute_dtype = compute_dtype or (torch.float32 if self.quantized else dtype)
         if self.quantized:
-            self.register_buffer("k_scale", torch.zeros(*shape[:2], 1, device=device), persistent=False)
-            self.register_buffer("v_scale", torch.zeros(*shape[:2], 1, device=device), persistent=False)
+            self.register_buffer("k_scale", lazy_zeros((*shape[:2], 1), torch.float32, device), persistent=False)
+            self.register_buffer("v_scale", lazy_zeros((*shape[:2], 1), torch.float32, device), persistent=False)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch = scratch or Scratch()
         self.step: StepBatch | None = None
