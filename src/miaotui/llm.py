@@ -119,7 +119,9 @@ class LLM:
         if not prompts:
             return []
         ids = [self.encode(p) for p in prompts]
-        engine = LLMEngine(self.loaded, config=engine_config or self._batch_config(ids, plist))
+        # by default just enough context and KV blocks for these requests to all run at once
+        config = engine_config or offline_config(self.loaded.model, [len(i) + p.max_tokens for i, p in zip(ids, plist)])
+        engine = LLMEngine(self.loaded, config=config)
         pending = {str(i): _TextState(ids[i], plist[i], self.tokenizer) for i in range(len(prompts))}
         done: dict[str, _TextState] = {}
         t0 = time.perf_counter()
@@ -141,10 +143,6 @@ class LLM:
             for rid in pending:
                 engine.abort(rid)
         return [Completion("".join(done[str(i)].pieces), done[str(i)].stats) for i in range(len(prompts))]
-
-    def _batch_config(self, ids: list[list[int]], params: list[SamplingParams]) -> EngineConfig:
-        """Just enough context and KV blocks for these requests to all run at once (within the budget)."""
-        return offline_config(self.loaded.model, [len(i) + p.max_tokens for i, p in zip(ids, params)])
 
 
 class _TextState:

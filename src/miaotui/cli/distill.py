@@ -293,9 +293,8 @@ def _run_encoder(args: argparse.Namespace, cfg, out: Path) -> dict:
     else:
         student = load_encoder(args.student)
         student.model.fuse()
-        previous = read_record(args.student) or {}
-        records = list((previous.get("recipe") or {}).get("records") or [])
-        prev_name = (previous.get("recipe") or {}).get("name")
+        previous = (read_record(args.student) or {}).get("recipe") or {}
+        records, prev_name = list(previous.get("records") or []), previous.get("name")
         keep = _student_origin(args, records, student.model, teacher.model, n_teacher)
         _log(f"student: {args.student} ({len(student.model.layers)} layers; teacher {n_teacher})")
     if cfg.hidden_loss and keep is not None:

@@ -44,12 +44,6 @@ class CacheConfig:
 OFFLINE_MAX_BATCHED_TOKENS = 2048
 
 
-def offline_token_budget(max_num_seqs: int) -> int:
-    """An offline batch's tokens per step: ``OFFLINE_MAX_BATCHED_TOKENS``, or more when more sequences run
-    at once (every running decode must fit one step)."""
-    return max(OFFLINE_MAX_BATCHED_TOKENS, max_num_seqs)
-
-
 @dataclass(frozen=True)
 class EngineConfig:
     """Limits of one scheduler step plus the cache it schedules into."""

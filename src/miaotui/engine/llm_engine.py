@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from miaotui.config import SamplingParams
-from miaotui.engine.engine_config import CacheConfig, EngineConfig, offline_token_budget
+from miaotui.engine.engine_config import OFFLINE_MAX_BATCHED_TOKENS, CacheConfig, EngineConfig
 from miaotui.engine.paged_cache import PagedKVPool, StepBatch, kv_block_bytes
 from miaotui.engine.request import Request, RequestOutput
 from miaotui.engine.sampler import make_generator, sample
@@ -62,7 +62,7 @@ def offline_config(model: CausalLM, needs: list[int], enable_prefix_caching: boo
     blocks = min(sum(-(-n // cache.block_size) for n in needs), budget_blocks(model, cache))
     seqs = min(len(needs), 64)
     return EngineConfig(max_model_len=max(2, max(needs)), max_num_seqs=seqs,
-                        max_num_batched_tokens=offline_token_budget(seqs),
+                        max_num_batched_tokens=max(OFFLINE_MAX_BATCHED_TOKENS, seqs),  # every decode fits a step
                         cache=dataclasses.replace(cache, num_blocks=max(1, blocks)))
 
 
